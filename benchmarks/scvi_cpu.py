@@ -1,0 +1,182 @@
+"""Side-by-side benchmark: pyrovi.SCVI against scvi-tools' SCVI on the same data and split.
+
+Both libraries train the same architecture (1 hidden layer of 128, 10 latent dimensions,
+ZINB, gene dispersion, observed library size, batch norm, dropout 0.1) with the same batch
+size, epochs, KL warm-up and train/validation split, one after the other in this process,
+alternating which goes first. Validation runs every epoch in both (scvi-tools does not by
+default; pyrovi records it in the history). Reported: wall time of ``train()`` divided by
+the number of epochs (median of ``--runs``), and the held-out ELBO per cell from each
+library's own ``get_elbo(indices=validation)``.
+
+Run (needs the ``bench`` extra: ``pip install -e ".[bench]"``)::
+
+    python benchmarks/scvi_cpu.py --threads 2 --runs 3 --out benchmarks/RESULTS.md
+
+Results are written as a markdown section into ``--out`` (replacing an earlier section of
+the same title) and as JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# name: (file, batch_key, epochs)
+DATASETS = {
+    "mouse_brain_10k": ("mouse_brain_10k.h5ad", None, 40),
+    "cellbench_5batch": ("cellbench_lung_celllines_5batch.h5ad", "batch", 60),
+    "pbmc_2batch_4k_genes": ("pbmc10k_5k_rna_2batch.h5ad", "batch", 15),
+}
+SECTION = "## scVI on CPU: pyrovi vs scvi-tools"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def train_scvi_tools(adata, batch_key, epochs, split, seed):
+    import scvi
+
+    scvi.settings.seed = seed
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+    model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1,
+                            gene_likelihood="zinb", dispersion="gene")
+    start = time.perf_counter()
+    model.train(
+        max_epochs=epochs, batch_size=128, accelerator="cpu", devices=1,
+        check_val_every_n_epoch=1, early_stopping=False, enable_progress_bar=False,
+        datasplitter_kwargs={"external_indexing": [split[0], split[1], np.array([], int)]},
+    )
+    seconds = time.perf_counter() - start
+    return seconds / epochs, model.get_elbo(indices=split[1])
+
+
+def train_pyrovi(adata, batch_key, epochs, split, seed):
+    import pyrovi
+
+    adata = adata.copy()
+    pyrovi.SCVI.setup_anndata(adata, batch_key=batch_key)
+    torch.manual_seed(seed)
+    model = pyrovi.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1,
+                        gene_likelihood="zinb", dispersion="gene")
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, batch_size=128, device="cpu", progress_bar=False, seed=seed,
+                train_indices=split[0], validation_indices=split[1])
+    seconds = time.perf_counter() - start
+    return seconds / epochs, model.get_elbo(indices=split[1])
+
+
+def run(datasets, runs, epochs_override):
+    rows = []
+    for name in datasets:
+        file, batch_key, epochs = DATASETS[name]
+        epochs = epochs_override or epochs
+        adata = anndata.read_h5ad(SHARED / file)
+        rng = np.random.default_rng(0)
+        permuted = rng.permutation(adata.n_obs)
+        n_train = int(np.ceil(0.9 * adata.n_obs))
+        split = (np.sort(permuted[:n_train]), np.sort(permuted[n_train:]))
+        results = {"pyrovi": [], "scvi-tools": []}
+        for r in range(runs):
+            order = [("scvi-tools", train_scvi_tools), ("pyrovi", train_pyrovi)]
+            for label, fn in order if r % 2 == 0 else order[::-1]:
+                per_epoch, elbo = fn(adata, batch_key, epochs, split, seed=r)
+                results[label].append((per_epoch, float(elbo)))
+                logging.info("%s %s run %d: %.3f s/epoch, held-out ELBO %.2f",
+                             name, label, r, per_epoch, elbo)
+        med = {k: (statistics.median(t for t, _ in v), statistics.median(e for _, e in v))
+               for k, v in results.items()}
+        rows.append({
+            "dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs,
+            "runs": runs,
+            "pyrovi_s_per_epoch": med["pyrovi"][0], "scvi_s_per_epoch": med["scvi-tools"][0],
+            "time_ratio": med["pyrovi"][0] / med["scvi-tools"][0],
+            "pyrovi_elbo": med["pyrovi"][1], "scvi_elbo": med["scvi-tools"][1],
+            "elbo_rel_diff": (med["pyrovi"][1] - med["scvi-tools"][1]) / abs(med["scvi-tools"][1]),
+            "raw": results,
+        })
+    return rows
+
+
+def markdown(rows, threads) -> str:
+    import pyro
+    import scvi
+
+    import pyrovi
+
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {cpu_name()}, {threads} torch threads, {platform.platform()}. "
+        f"Versions: pyrovi {pyrovi.__version__}, scvi-tools {scvi.__version__}, "
+        f"pyro-ppl {pyro.__version__}, torch {torch.__version__}, Python "
+        f"{platform.python_version()}. Date: {time.strftime('%Y-%m-%d')}.",
+        "",
+        "Same architecture (ZINB, 1×128 hidden, 10 latent), batch size 128, same epochs, same "
+        "90/10 split, validation every epoch in both. Time = wall time of `train()` / epochs, "
+        "median of runs; ELBO = held-out ELBO per cell (`get_elbo` on the validation cells, "
+        "higher is better), median of runs. Ratios are pyrovi / scvi-tools.",
+        "",
+        "| dataset | cells × genes | epochs | runs | pyrovi s/epoch | scvi-tools s/epoch | "
+        "time ratio | pyrovi ELBO | scvi-tools ELBO | ELBO rel. diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['cells']:,} × {r['genes']:,} | {r['epochs']} | {r['runs']} | "
+            f"{r['pyrovi_s_per_epoch']:.3f} | {r['scvi_s_per_epoch']:.3f} | "
+            f"**{r['time_ratio']:.2f}** | {r['pyrovi_elbo']:.2f} | {r['scvi_elbo']:.2f} | "
+            f"{100 * r['elbo_rel_diff']:+.2f}% |"
+        )
+    lines += ["", "Command: `python benchmarks/scvi_cpu.py --threads "
+              f"{threads} --runs {rows[0]['runs'] if rows else 0}`", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section in ``path`` (sections start with '## ')."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    parts = old.split("\n## ")
+    kept = [parts[0].rstrip("\n")] + [
+        "## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(SECTION)
+    ]
+    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="override per-dataset epochs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    rows = run(args.datasets, args.runs, args.epochs)
+    write_section(args.out, markdown(rows, args.threads))
+    args.out.with_suffix(".scvi_cpu.json").write_text(json.dumps(rows, indent=1))
+    print(markdown(rows, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""AnnData registration, validation and device tensors (``pyrovi.data``)."""
+
+from pyrovi.data.registry import (
+    REGISTRY_UNS_KEY,
+    AnnDataRegistry,
+    SetupError,
+    check_var_names,
+    get_registry,
+    register_new_data,
+    setup_anndata,
+)
+from pyrovi.data.tensors import CellTensors, CountMatrix, build_cell_tensors
+from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
+
+__all__ = [
+    "REGISTRY_UNS_KEY",
+    "AnnDataRegistry",
+    "CellTensors",
+    "CountDataError",
+    "CountMatrix",
+    "SetupError",
+    "build_cell_tensors",
+    "cell_totals",
+    "check_var_names",
+    "get_registry",
+    "register_new_data",
+    "setup_anndata",
+    "validate_counts",
+]

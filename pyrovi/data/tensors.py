@@ -1,0 +1,226 @@
+"""Device-resident copies of registered data, gathered into minibatches by index.
+
+Counts leave AnnData once: :func:`build_cell_tensors` moves the registered matrix and the
+per-cell fields to the training device, and :meth:`CellTensors.minibatch` gathers rows there.
+Sparse input stays sparse on the device (CSR arrays); only the gathered minibatch is dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pyrovi.data.registry import (
+    AnnDataRegistry,
+    category_codes,
+    continuous_values,
+    counts_matrix,
+    size_factors,
+)
+
+
+class CountMatrix:
+    """A cells × features count matrix on a device, dense or CSR, with row gathers.
+
+    Parameters
+    ----------
+    matrix
+        numpy array or scipy sparse matrix (CSC is converted to CSR once).
+    device
+        Where the tensors live.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> m = CountMatrix(sp.random(100, 20, density=0.1, format="csr"), "cpu")
+    >>> m.gather(torch.tensor([3, 7])).shape
+    torch.Size([2, 20])
+    """
+
+    def __init__(self, matrix, device: torch.device | str = "cpu"):
+        self.shape = tuple(matrix.shape)
+        self.device = torch.device(device)
+        if sp.issparse(matrix):
+            csr = matrix.tocsr() if matrix.format != "csr" else matrix
+            if not csr.has_canonical_format:
+                csr = csr.copy()
+                csr.sum_duplicates()
+            self.is_sparse = True
+            self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
+            self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=self.device)
+            self.data = torch.as_tensor(np.asarray(csr.data, dtype=np.float32), device=self.device)
+        else:
+            self.is_sparse = False
+            self.dense = torch.as_tensor(np.asarray(matrix, dtype=np.float32), device=self.device)
+
+    @property
+    def n_obs(self) -> int:
+        """Number of rows (cells)."""
+        return self.shape[0]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Dense float32 rows ``index`` of the matrix, on the matrix's device.
+
+        Parameters
+        ----------
+        index
+            1-d int64 tensor of row indices on the same device.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(len(index), n_features)``.
+        """
+        if not self.is_sparse:
+            return self.dense.index_select(0, index)
+        starts = self.indptr.index_select(0, index)
+        lengths = self.indptr.index_select(0, index + 1) - starts
+        rows = torch.repeat_interleave(torch.arange(index.numel(), device=self.device), lengths)
+        # Position of every gathered non-zero inside the CSR arrays: the row's start plus the
+        # running offset within the row.
+        first_of_row = torch.cumsum(lengths, 0) - lengths
+        offsets = torch.arange(rows.numel(), device=self.device)
+        offsets = offsets - first_of_row.index_select(0, rows)
+        positions = starts.index_select(0, rows) + offsets
+        out = torch.zeros(index.numel(), self.shape[1], device=self.device)
+        out[rows, self.indices.index_select(0, positions)] = self.data.index_select(0, positions)
+        return out
+
+
+@dataclass
+class CellTensors:
+    """All registered per-cell data of one AnnData on one device.
+
+    Attributes
+    ----------
+    counts
+        The count matrix.
+    batch_index, labels
+        int64 codes, shape ``(n_cells,)``.
+    cat_covs
+        int64 codes, shape ``(n_cells, n_categorical_covariates)`` or ``None``.
+    cont_covs
+        float32, shape ``(n_cells, n_continuous_covariates)`` or ``None``.
+    size_factor
+        float32 positive size factors, shape ``(n_cells,)``, or ``None``.
+    informative
+        Boolean mask of cells with at least one count, shape ``(n_cells,)`` (numpy).
+    """
+
+    counts: CountMatrix
+    batch_index: torch.Tensor
+    labels: torch.Tensor
+    cat_covs: torch.Tensor | None
+    cont_covs: torch.Tensor | None
+    size_factor: torch.Tensor | None
+    informative: np.ndarray
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return self.counts.n_obs
+
+    @property
+    def device(self) -> torch.device:
+        """The device holding the tensors."""
+        return self.counts.device
+
+    def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of a model/guide call for cells ``index``.
+
+        Returns
+        -------
+        dict
+            ``x``, ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor``.
+        """
+
+        def rows(t):
+            return None if t is None else t.index_select(0, index)
+
+        return {
+            "x": self.counts.gather(index),
+            "batch_index": rows(self.batch_index),
+            "labels": rows(self.labels),
+            "cat_covs": rows(self.cat_covs),
+            "cont_covs": rows(self.cont_covs),
+            "size_factor": rows(self.size_factor),
+        }
+
+    def iter_minibatches(self, indices=None, batch_size: int = 1024):
+        """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
+        if indices is None:
+            indices = np.arange(self.n_obs)
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
+        for start in range(0, index.numel(), batch_size):
+            chunk = index[start : start + batch_size]
+            yield chunk, self.minibatch(chunk)
+
+
+def build_cell_tensors(
+    adata, registry: AnnDataRegistry, device: torch.device | str = "cpu", indices=None
+) -> CellTensors:
+    """Move the registered fields of ``adata`` to ``device`` once.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with ``registry``.
+    registry
+        The registry describing which fields to read.
+    device
+        Target device.
+    indices
+        Only these cells (in this order); all cells when ``None``.
+
+    Returns
+    -------
+    CellTensors
+    """
+    if indices is not None:
+        indices = np.asarray(indices)
+        adata = adata[indices]
+    matrix = counts_matrix(adata, registry.layer)
+    device = torch.device(device)
+
+    def as_tensor(array, dtype):
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+    batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
+    labels_key = registry.labels_key if registry.labels_key in adata.obs.columns else None
+    labels = category_codes(adata, labels_key, registry.label_categories, "labels_key")
+    cat_covs = None
+    if registry.categorical_covariate_keys:
+        cat_covs = as_tensor(
+            np.stack(
+                [
+                    category_codes(adata, k, registry.covariate_categories[k],
+                                   "categorical_covariate_keys")
+                    for k in registry.categorical_covariate_keys
+                ],
+                axis=1,
+            ),
+            torch.int64,
+        )
+    cont_covs = None
+    if registry.continuous_covariate_keys:
+        cont_covs = as_tensor(
+            continuous_values(adata, registry.continuous_covariate_keys,
+                              "continuous_covariate_keys"),
+            torch.float32,
+        )
+    size_factor = None
+    if registry.size_factor_key is not None:
+        size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
+    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    return CellTensors(
+        counts=CountMatrix(matrix, device),
+        batch_index=as_tensor(batch, torch.int64),
+        labels=as_tensor(labels, torch.int64),
+        cat_covs=cat_covs,
+        cont_covs=cont_covs,
+        size_factor=size_factor,
+        informative=totals > 0,
+    )

@@ -1,0 +1,146 @@
+"""Checks on count matrices: raw, finite, non-negative integers with no empty cells.
+
+Every check runs before anything is written into the user's AnnData, so a failed setup
+leaves the object exactly as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+# Rows checked at a time for dense input, so temporary boolean masks stay small.
+_DENSE_CHUNK_ROWS = 8192
+
+
+class CountDataError(ValueError):
+    """Raised when a matrix handed to a count model is not a valid count matrix."""
+
+
+def _value_blocks(matrix):
+    """Yield blocks of stored values (non-zeros for sparse, row chunks for dense)."""
+    if sp.issparse(matrix):
+        yield np.asarray(matrix.data)
+        return
+    array = np.asarray(matrix) if not hasattr(matrix, "shape") else matrix
+    for start in range(0, array.shape[0], _DENSE_CHUNK_ROWS):
+        yield np.asarray(array[start : start + _DENSE_CHUNK_ROWS])
+
+
+def _first_offender(matrix, predicate) -> tuple[int, int, float]:
+    """Locate the first (row, column, value) whose value satisfies ``predicate``."""
+    if sp.issparse(matrix):
+        coo = matrix.tocoo()
+        hit = np.flatnonzero(predicate(coo.data))[0]
+        return int(coo.row[hit]), int(coo.col[hit]), float(coo.data[hit])
+    for start in range(0, matrix.shape[0], _DENSE_CHUNK_ROWS):
+        block = np.asarray(matrix[start : start + _DENSE_CHUNK_ROWS])
+        rows, cols = np.nonzero(predicate(block))
+        if rows.size:
+            return start + int(rows[0]), int(cols[0]), float(block[rows[0], cols[0]])
+    raise AssertionError("predicate matched no value")  # pragma: no cover
+
+
+def cell_totals(matrix) -> np.ndarray:
+    """Total counts per cell (row sums) as a float64 vector, without densifying.
+
+    Parameters
+    ----------
+    matrix
+        Dense array or scipy sparse matrix of shape (cells, genes).
+
+    Returns
+    -------
+    numpy.ndarray
+        Vector of length ``matrix.shape[0]``.
+    """
+    if sp.issparse(matrix):
+        return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+    totals = np.empty(matrix.shape[0], dtype=np.float64)
+    for start in range(0, matrix.shape[0], _DENSE_CHUNK_ROWS):
+        block = np.asarray(matrix[start : start + _DENSE_CHUNK_ROWS], dtype=np.float64)
+        totals[start : start + block.shape[0]] = block.sum(axis=1)
+    return totals
+
+
+def validate_counts(
+    matrix,
+    *,
+    source: str,
+    obs_names=None,
+    var_names=None,
+    allow_non_integer: bool = False,
+    allow_empty_cells: bool = False,
+) -> np.ndarray:
+    """Check that ``matrix`` holds raw counts and return the total counts per cell.
+
+    Parameters
+    ----------
+    matrix
+        Dense array or scipy sparse matrix (cells × features).
+    source
+        How the user refers to this matrix (``"adata.X"``, ``"adata.layers['counts']"``),
+        used in error messages.
+    obs_names, var_names
+        Optional cell and feature names, used to point at the first offending entry.
+    allow_non_integer
+        Accept non-integer values (for counts on another scale, e.g. ambient-corrected).
+    allow_empty_cells
+        Accept cells whose counts are all zero.
+
+    Returns
+    -------
+    numpy.ndarray
+        Total counts per cell.
+
+    Raises
+    ------
+    CountDataError
+        On NaN, infinite, negative or (unless allowed) non-integer values, and on
+        cells with zero total counts (unless allowed).
+    """
+
+    def where(row: int, col: int) -> str:
+        cell = obs_names[row] if obs_names is not None else row
+        feature = var_names[col] if var_names is not None else col
+        return f"cell {cell!r}, feature {feature!r}"
+
+    checks = (
+        (lambda v: ~np.isfinite(v), "NaN or infinite values",
+         "Remove or impute them before setup; count models need finite counts."),
+        (lambda v: v < 0, "negative values",
+         "Counts cannot be negative: pass the raw count matrix (e.g. layer='counts'), "
+         "not scaled or centred data."),
+    )
+    for predicate, what, fix in checks:
+        if any(predicate(block).any() for block in _value_blocks(matrix)):
+            row, col, value = _first_offender(matrix, predicate)
+            raise CountDataError(
+                f"{source} contains {what} (first: {value!r} at {where(row, col)}). {fix}"
+            )
+
+    if not allow_non_integer:
+        def non_integer(v):
+            return v != np.round(v)
+
+        if any(non_integer(block).any() for block in _value_blocks(matrix)):
+            row, col, value = _first_offender(matrix, non_integer)
+            raise CountDataError(
+                f"{source} contains non-integer values (first: {value!r} at {where(row, col)}). "
+                "pyrovi models raw counts; this looks like normalized or log-transformed data. "
+                "Register the raw counts instead (e.g. layer='counts', or counts restored from "
+                "adata.raw), or pass allow_non_integer=True if you know these values are counts "
+                "on another scale."
+            )
+
+    totals = cell_totals(matrix)
+    n_empty = int((totals == 0).sum())
+    if n_empty and not allow_empty_cells:
+        first = np.flatnonzero(totals == 0)[0]
+        first_name = obs_names[first] if obs_names is not None else first
+        raise CountDataError(
+            f"{source} has {n_empty} cell(s) with zero total counts (first: {first_name!r}). "
+            "Remove them (e.g. scanpy.pp.filter_cells(adata, min_counts=1)) or pass "
+            "drop_empty_cells=True to leave them out of training."
+        )
+    return totals

@@ -1,0 +1,305 @@
+"""Stochastic variational inference for every pyrovi model.
+
+One loop serves all models: minibatches are index gathers on the device, the ELBO is
+Pyro's (``Trace_ELBO`` or ``TraceMeanField_ELBO``) scaled to the training set by the
+model's :func:`~pyrovi.infer.scaling.cell_plate`, KL warm-up is passed to the model as
+``kl_weight``, and after every epoch the validation ELBO is evaluated for the history and
+early stopping.
+
+The optimiser is a single ``torch.optim.Adam`` over the module's parameters, driven by the
+ELBO's differentiable loss (Pyro's documented pattern for custom SVI loops). Parameters
+therefore live in the module, not in Pyro's global parameter store, so several models can be
+trained and used side by side in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyrovi.data.tensors import CellTensors
+from pyrovi.infer.objective import CellTerms, evaluate_terms, loss_and_terms, make_elbo
+
+logger = logging.getLogger(__name__)
+
+
+def default_max_epochs(n_cells: int, cap: int = 400) -> int:
+    """scvi-tools' size-based default: ``min(round(20000 / n_cells * 400), 400)``, at least 1."""
+    return max(1, min(round(20000 / max(n_cells, 1) * 400), cap))
+
+
+def kl_weight_schedule(
+    epoch: int,
+    step: int,
+    n_epochs_kl_warmup: int | None = 400,
+    n_steps_kl_warmup: int | None = None,
+    max_kl_weight: float = 1.0,
+    min_kl_weight: float = 0.0,
+) -> float:
+    """Linear KL warm-up, by step when ``n_steps_kl_warmup`` is set, else by epoch.
+
+    Returns ``min_kl_weight`` at the start, rising linearly to ``max_kl_weight``.
+    """
+    span = max_kl_weight - min_kl_weight
+    if n_steps_kl_warmup:
+        return min_kl_weight + span * min(1.0, step / n_steps_kl_warmup)
+    if n_epochs_kl_warmup:
+        return min_kl_weight + span * min(1.0, epoch / n_epochs_kl_warmup)
+    return max_kl_weight
+
+
+def split_indices(
+    candidates: np.ndarray,
+    train_size: float = 0.9,
+    validation_size: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split of ``candidates`` (cell indices).
+
+    ``n_train = ceil(train_size * n)``; the validation set gets ``validation_size * n`` cells
+    (default: all the rest), as scvi-tools' ``DataSplitter`` does.
+
+    Raises
+    ------
+    ValueError
+        If the sizes are out of range or leave no training cells.
+    """
+    n = len(candidates)
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    n_train = math.ceil(train_size * n)
+    if validation_size is None:
+        n_val = n - n_train
+    elif validation_size < 0 or train_size + validation_size > 1.0 + 1e-9:
+        raise ValueError("train_size + validation_size must be at most 1.")
+    else:
+        n_val = min(math.floor(validation_size * n), n - n_train)
+    if n_train == 0:
+        raise ValueError(f"No training cells: {n} cells with train_size={train_size}.")
+    rng = rng or np.random.default_rng()
+    permuted = rng.permutation(np.asarray(candidates))
+    return np.sort(permuted[:n_train]), np.sort(permuted[n_train : n_train + n_val])
+
+
+def shuffled_minibatches(index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Shuffle ``index`` (on its device) and cut it into minibatches.
+
+    A last minibatch of a single cell is merged into the previous one: batch norm cannot
+    normalise one cell.
+    """
+    permuted = index[torch.randperm(index.numel(), device=index.device)]
+    batches = list(torch.split(permuted, batch_size))
+    if len(batches) > 1 and batches[-1].numel() < 2:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    monitor: str = "elbo_validation"
+    patience: int = 45
+    min_delta: float = 0.0
+    best: float = math.inf
+    wait: int = 0
+
+    def should_stop(self, value: float) -> bool:
+        """Record this epoch's value; return whether training should stop."""
+        if value < self.best - self.min_delta:
+            self.best, self.wait = value, 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+
+@dataclass
+class TrainingPlan:
+    """Options of :func:`train_svi` (defaults as in scvi-tools).
+
+    Attributes
+    ----------
+    max_epochs, batch_size, lr, weight_decay, eps
+        Optimisation settings (Adam).
+    n_epochs_kl_warmup, n_steps_kl_warmup
+        KL warm-up length (steps take precedence when given).
+    loss
+        ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO) or an ELBO instance.
+    early_stopping, early_stopping_monitor, early_stopping_patience, early_stopping_min_delta
+        Early stopping on a history column (lower is better).
+    check_val_every_n_epoch
+        Validation frequency.
+    validation_batch_size
+        Minibatch size for evaluating the validation set.
+    progress_bar
+        Show a tqdm bar.
+    """
+
+    max_epochs: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None
+    loss: object = "trace"
+    early_stopping: bool = False
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    check_val_every_n_epoch: int = 1
+    validation_batch_size: int = 1024
+    progress_bar: bool = True
+
+
+def _epoch_means(prefix: str, terms_sum: CellTerms, n_cells: int) -> dict[str, float]:
+    reconstruction = float(terms_sum.reconstruction) / n_cells
+    kl = float(terms_sum.kl) / n_cells
+    return {
+        f"elbo_{prefix}": reconstruction + kl,
+        f"reconstruction_loss_{prefix}": reconstruction,
+        f"kl_local_{prefix}": kl,
+    }
+
+
+@torch.no_grad()
+def evaluate_dataset(module, data: CellTensors, indices, batch_size: int = 1024) -> CellTerms:
+    """Per-cell ELBO terms of ``indices`` (module in eval mode, full KL weight).
+
+    Returns
+    -------
+    CellTerms
+        Vectors over the requested cells, on the data's device.
+    """
+    was_training = module.training
+    module.eval()
+    reconstruction, kl = [], []
+    try:
+        with pyro.validation_enabled(False):
+            for _, batch in data.iter_minibatches(indices, batch_size):
+                terms = evaluate_terms(module.model, module.guide, **batch)
+                reconstruction.append(terms.reconstruction)
+                kl.append(terms.kl)
+    finally:
+        module.train(was_training)
+    return CellTerms(torch.cat(reconstruction), torch.cat(kl))
+
+
+def train_svi(
+    module,
+    data: CellTensors,
+    train_indices: np.ndarray,
+    validation_indices: np.ndarray,
+    plan: TrainingPlan,
+    start_epoch: int = 0,
+) -> pd.DataFrame:
+    """Fit ``module`` (a model/guide pair) by SVI on ``data``.
+
+    Parameters
+    ----------
+    module
+        ``nn.Module`` with ``model(x=..., ..., n_obs=, kl_weight=)`` and ``guide(...)``, already
+        on ``data.device``.
+    data
+        Registered data on the training device.
+    train_indices, validation_indices
+        Cells (rows of ``data``) to train on and to validate on.
+    plan
+        Training options.
+    start_epoch
+        Epoch number of the first epoch (to continue a history).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per epoch: ``kl_weight``, ``train_loss`` (the weighted objective per cell),
+        ``elbo_train``, ``reconstruction_loss_train``, ``kl_local_train`` and, on validation
+        epochs, the same for ``_validation``. "elbo" is the negative ELBO per cell, as in
+        scvi-tools: lower is better.
+    """
+    device = data.device
+    elbo = make_elbo(plan.loss)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+    train_index = torch.as_tensor(np.asarray(train_indices, dtype=np.int64), device=device)
+    n_train = train_index.numel()
+    has_validation = len(validation_indices) > 0
+    stopper = (
+        EarlyStopping(plan.early_stopping_monitor, plan.early_stopping_patience,
+                      plan.early_stopping_min_delta)
+        if plan.early_stopping
+        else None
+    )
+    if stopper is not None and stopper.monitor.endswith("_validation") and not has_validation:
+        raise ValueError(
+            f"early_stopping monitors {stopper.monitor!r} but there are no validation cells; "
+            "use train_size < 1 or monitor a *_train column."
+        )
+
+    rows = []
+    step = start_epoch * math.ceil(n_train / plan.batch_size)
+    epochs = tqdm(
+        range(start_epoch, start_epoch + plan.max_epochs),
+        desc="Training",
+        unit="epoch",
+        disable=not plan.progress_bar,
+    )
+    module.train()
+    with pyro.validation_enabled(False):
+        for epoch in epochs:
+            loss_sum = torch.zeros((), device=device)
+            reconstruction_sum = torch.zeros((), device=device)
+            kl_sum = torch.zeros((), device=device)
+            kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
+                                           plan.n_steps_kl_warmup)
+            for index in shuffled_minibatches(train_index, plan.batch_size):
+                kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
+                                               plan.n_steps_kl_warmup)
+                batch = data.minibatch(index)
+                loss, terms = loss_and_terms(
+                    elbo, module.model, module.guide, **batch, n_obs=n_train, kl_weight=kl_weight
+                )
+                # Per-cell loss for the gradient, as scvi-tools optimises, so that Adam's eps
+                # has the same meaning; the ELBO itself is scaled to the training set.
+                optimizer.zero_grad(set_to_none=True)
+                (loss / n_train).backward()
+                optimizer.step()
+                step += 1
+                loss_sum += loss.detach() * index.numel() / n_train
+                reconstruction_sum += terms.reconstruction.sum()
+                kl_sum += terms.kl.sum()
+
+            row = {"epoch": epoch, "kl_weight": kl_weight,
+                   "train_loss": float(loss_sum) / n_train}
+            row.update(_epoch_means("train", CellTerms(reconstruction_sum, kl_sum), n_train))
+            if has_validation and (epoch + 1) % plan.check_val_every_n_epoch == 0:
+                val = evaluate_dataset(module, data, validation_indices, plan.validation_batch_size)
+                row.update(_epoch_means("validation", CellTerms(val.reconstruction.sum(),
+                                                                val.kl.sum()), val.kl.numel()))
+            rows.append(row)
+            if not math.isfinite(row["train_loss"]):
+                raise FloatingPointError(
+                    f"The training loss became {row['train_loss']} at epoch {epoch}; try a lower "
+                    "learning rate (lr=) or check the input counts."
+                )
+            epochs.set_postfix(
+                {k: f"{row[k]:.4g}" for k in ("train_loss", "elbo_validation") if k in row}
+            )
+            if stopper is not None and stopper.monitor in row:
+                if stopper.should_stop(row[stopper.monitor]):
+                    logger.info(
+                        "Early stopping at epoch %d: %s did not improve for %d epochs (best %.4f).",
+                        epoch, stopper.monitor, stopper.patience, stopper.best,
+                    )
+                    break
+    epochs.close()
+    module.eval()
+    return pd.DataFrame(rows).set_index("epoch")

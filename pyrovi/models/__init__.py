@@ -1,0 +1,14 @@
+"""Models (``pyrovi.models``): each a Pyro model/guide module plus its user API."""
+
+from pyrovi.models.base import BaseModel
+from pyrovi.models.scvi import SCVI, library_size_priors
+from pyrovi.models.scvi_module import GENE_LIKELIHOODS, SCVIModule, count_likelihood
+
+__all__ = [
+    "GENE_LIKELIHOODS",
+    "SCVI",
+    "BaseModel",
+    "SCVIModule",
+    "count_likelihood",
+    "library_size_priors",
+]

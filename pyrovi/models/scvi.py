@@ -1,0 +1,305 @@
+"""The scVI model: user API around :class:`~pyrovi.models.scvi_module.SCVIModule`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pyrovi.data import AnnDataRegistry, cell_totals, setup_anndata
+from pyrovi.data.registry import category_codes, counts_matrix
+from pyrovi.models.base import BaseModel
+from pyrovi.models.scvi_module import SCVIModule
+from pyrovi.posterior import guide_trace, inference_mode
+
+
+def library_size_priors(adata, registry: AnnDataRegistry) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch mean and variance of log library size (cells with counts only).
+
+    Used as the prior of the latent library size, as in scvi-tools.
+    """
+    totals = cell_totals(counts_matrix(adata, registry.layer))
+    batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
+    means = np.zeros(registry.n_batch, dtype=np.float32)
+    variances = np.ones(registry.n_batch, dtype=np.float32)
+    for b in range(registry.n_batch):
+        logs = np.log(totals[(batch == b) & (totals > 0)])
+        if logs.size:
+            means[b] = logs.mean()
+            variances[b] = logs.var() if logs.size > 1 else 1.0
+    return means, variances
+
+
+class SCVI(BaseModel):
+    """single-cell Variational Inference (Lopez et al. 2018) as a Pyro model/guide pair.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`SCVI.setup_anndata`.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes.
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` or a callable ``(mu, theta, zi_logits) ->
+        Distribution``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal).
+    use_observed_lib_size
+        Use the observed library size (default) or a latent log-normal one.
+    encode_covariates, deeply_inject_covariates, use_batch_norm, use_layer_norm
+        Architecture options as in scvi-tools.
+    prior
+        Latent prior (``"normal"`` or a prior module).
+
+    Examples
+    --------
+    >>> import pyrovi
+    >>> adata = pyrovi.datasets.pbmc68k_reduced()  # doctest: +SKIP
+    >>> pyrovi.SCVI.setup_anndata(adata, batch_key="phase")  # doctest: +SKIP
+    >>> model = pyrovi.SCVI(adata)  # doctest: +SKIP
+    >>> model.train(max_epochs=50)  # doctest: +SKIP
+    >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        adata,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str | Callable = "zinb",
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = True,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        prior: str | nn.Module = "normal",
+    ):
+        super().__init__(
+            adata,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            prior=prior,
+        )
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        allow_non_integer: bool = False,
+        drop_empty_cells: bool = False,
+    ) -> None:
+        """Register the fields of ``adata`` this model reads (same arguments as scvi-tools).
+
+        The data are validated first (raw, finite, non-negative integer counts; every key
+        present); on error nothing in ``adata`` changes. The registry is stored in
+        ``adata.uns["_pyrovi"]``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts.
+        layer
+            Layer with raw counts (default ``adata.X``).
+        batch_key, labels_key
+            ``obs`` columns with batch and label categories.
+        size_factor_key
+            ``obs`` column with size factors (used as the observed library size).
+        categorical_covariate_keys, continuous_covariate_keys
+            Extra covariates in ``obs``.
+        allow_non_integer
+            Accept non-integer values (opt-out for counts on another scale).
+        drop_empty_cells
+            Leave cells without counts out of training instead of raising.
+        """
+        setup_anndata(
+            adata,
+            model_name=cls.__name__,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            allow_non_integer=allow_non_integer,
+            drop_empty_cells=drop_empty_cells,
+        )
+
+    def _build_module(self, adata, registry: AnnDataRegistry, **params) -> SCVIModule:
+        means, variances = library_size_priors(adata, registry)
+        return SCVIModule(
+            n_input=registry.n_vars,
+            n_batch=registry.n_batch,
+            n_labels=registry.n_labels,
+            n_cats_per_cov=registry.n_cats_per_covariate,
+            n_continuous_cov=registry.n_continuous_covariates,
+            library_log_means=torch.as_tensor(means),
+            library_log_vars=torch.as_tensor(variances),
+            use_size_factor=registry.size_factor_key is not None,
+            **params,
+        )
+
+    # -- scVI-specific outputs ------------------------------------------------------------
+
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        if transform_batch is None:
+            return [None]
+        batches = (
+            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        )
+        codes = []
+        for b in batches:
+            if str(b) not in self.registry.batch_categories:
+                raise KeyError(
+                    f"transform_batch={b!r} is not a batch of the model "
+                    f"(batches: {self.registry.batch_categories})."
+                )
+            codes.append(self.registry.batch_categories.index(str(b)))
+        return codes
+
+    def _posterior_generative(self, batch: dict, batch_code: int | None) -> dict:
+        """Likelihood parameters for one posterior draw, optionally in another batch."""
+        posterior = guide_trace(self.module, batch)
+        z = posterior.nodes["z"]["value"]
+        if "library" in posterior.nodes:
+            log_library = posterior.nodes["library"]["value"]
+        else:
+            log_library = self.module.observed_log_library(batch["x"], batch["size_factor"])
+        batch_index = batch["batch_index"]
+        if batch_code is not None:
+            batch_index = torch.full_like(batch_index, batch_code)
+        return self.module.generative(
+            z, log_library, batch_index, batch["labels"], batch["cat_covs"], batch["cont_covs"]
+        )
+
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised, library-size-normalized expression ``library_size · rho``.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to use (default: all cells of the training data).
+        transform_batch
+            Decode every cell as if it came from this batch (or average over a list of
+            batches) — batch-corrected expression.
+        gene_list
+            Return only these genes.
+        library_size
+            Scale of the output (``1`` gives proportions; ``1e4`` counts per 10k), or
+            ``"latent"`` for the expected counts at each cell's own library size.
+        n_samples
+            Posterior draws of z per cell.
+        return_mean
+            Average over the draws; otherwise return ``(n_samples, n_cells, n_genes)``.
+        return_numpy
+            Return an array instead of a DataFrame (cells × genes, with names).
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        pandas.DataFrame or numpy.ndarray
+        """
+        adata_used, _ = self._validate_anndata(adata)
+        data, indices = self._cell_tensors(adata, indices)
+        columns = np.arange(self.registry.n_vars)
+        if gene_list is not None:
+            columns = self._gene_positions(gene_list)
+        columns_t = torch.as_tensor(columns, device=self.device)
+        key = "mu" if library_size == "latent" else "rho"
+        scale = 1.0 if library_size == "latent" else float(library_size)
+        codes = self._batch_codes(transform_batch)
+        chunks = []
+        with inference_mode(self.module):
+            for _, batch in data.iter_minibatches(None, batch_size or 1024):
+                draws = []
+                for _ in range(n_samples):
+                    per_batch = [
+                        self._posterior_generative(batch, code)[key].index_select(-1, columns_t)
+                        for code in codes
+                    ]
+                    draws.append(torch.stack(per_batch).mean(0) * scale)
+                chunks.append(torch.stack(draws))
+        values = torch.cat(chunks, dim=1).cpu().numpy()
+        if return_mean or n_samples == 1:
+            values = values.mean(0)
+            if return_numpy:
+                return values
+            return pd.DataFrame(
+                values,
+                index=adata_used.obs_names[indices],
+                columns=self.var_names[columns],
+            )
+        return values
+
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of the count likelihood for each cell and gene.
+
+        Returns
+        -------
+        dict
+            ``"mean"`` (expected counts), ``"dispersions"`` (theta, absent for Poisson) and
+            ``"dropout"`` (zero-inflation logits, ZINB only), each ``(n_cells, n_genes)``
+            (``(n_samples, n_cells, n_genes)`` for several draws unless ``give_mean``).
+        """
+        data, _ = self._cell_tensors(adata, indices)
+        names = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
+        chunks: dict[str, list] = {k: [] for k in names}
+        with inference_mode(self.module):
+            for _, batch in data.iter_minibatches(None, batch_size or 1024):
+                draws = [self._posterior_generative(batch, None) for _ in range(n_samples)]
+                for out_name, key in names.items():
+                    if draws[0][key] is None:
+                        continue
+                    values = torch.stack(
+                        [d[key].expand_as(d["mu"]) for d in draws]
+                    )
+                    chunks[out_name].append(values)
+        result = {}
+        for name, parts in chunks.items():
+            if parts:
+                values = torch.cat(parts, dim=1).cpu().numpy()
+                result[name] = values.mean(0) if give_mean or n_samples == 1 else values
+        return result

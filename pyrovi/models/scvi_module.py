@@ -1,0 +1,259 @@
+"""scVI as a Pyro model/guide pair (Lopez et al. 2018, Nature Methods).
+
+Generative process for cell n with batch s_n and covariates c_n::
+
+    z_n      ~ p(z)                                   (standard normal by default)
+    log l_n  ~ Normal(mu_{s_n}, sigma²_{s_n})          (or observed: log Σ_g x_ng)
+    rho_n    = softmax(f(z_n, s_n, c_n))              (decoder network)
+    x_ng     ~ ZINB / NB / Poisson(mean = l_n · rho_ng, inverse dispersion theta_g)
+
+Amortized posterior::
+
+    q(z_n | x_n)      = Normal(g_loc(log1p x_n), g_scale(log1p x_n))
+    q(log l_n | x_n)  = Normal(h_loc(log1p x_n), h_scale(log1p x_n))   (latent library only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyrovi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from pyrovi.infer.scaling import cell_plate, kl_scale
+from pyrovi.nn import (
+    AmortizedEncoder,
+    AmortizedPosterior,
+    Dispersion,
+    ExpressionDecoder,
+    latent_transform,
+)
+from pyrovi.priors import build_prior
+
+GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
+NORM_OPTIONS = ("encoder", "decoder", "both", "none")
+
+
+def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.Distribution:
+    """The per-feature count distribution with mean ``mu``.
+
+    Parameters
+    ----------
+    name_or_fn
+        ``"zinb"``, ``"nb"``, ``"poisson"``, or a callable ``(mu, theta, zi_logits) ->
+        Distribution`` for a custom likelihood.
+    mu, theta, zi_logits
+        Mean, inverse dispersion and zero-inflation logits (the latter two may be ``None``
+        where the likelihood does not use them).
+    """
+    if callable(name_or_fn):
+        return name_or_fn(mu, theta, zi_logits)
+    if name_or_fn == "zinb":
+        return ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits)
+    if name_or_fn == "nb":
+        return NegativeBinomial(mu=mu, theta=theta)
+    if name_or_fn == "poisson":
+        return Poisson(mu=mu)
+    raise ValueError(
+        f"gene_likelihood must be one of {GENE_LIKELIHOODS} or a callable, got {name_or_fn!r}."
+    )
+
+
+class SCVIModule(nn.Module):
+    """The scVI generative model and its amortized guide.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch, n_labels
+        Number of batches and labels.
+    n_cats_per_cov
+        Categories of each extra categorical covariate.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes (scvi-tools defaults 128, 10, 1, 0.1).
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` or a callable (see :func:`count_likelihood`).
+    latent_distribution
+        ``"normal"`` or ``"ln"``.
+    use_observed_lib_size
+        Observed library size (``log Σ x``, or log size factor) instead of a latent one.
+    library_log_means, library_log_vars
+        Per-batch mean and variance of the log library size (prior of the latent library).
+    encode_covariates
+        Give the encoder the batch and covariates too.
+    deeply_inject_covariates
+        Inject covariates into every hidden layer.
+    use_batch_norm, use_layer_norm
+        ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+    use_size_factor
+        Size factors are given (softplus rates instead of softmax proportions).
+    prior
+        Latent prior: ``"normal"`` or a prior module (see :mod:`pyrovi.priors`).
+    decoder
+        Replace the decoder (e.g. a linear one for LDVAE); must return
+        :class:`~pyrovi.nn.ExpressionParams`.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str | Callable = "zinb",
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = True,
+        library_log_means: torch.Tensor | None = None,
+        library_log_vars: torch.Tensor | None = None,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        use_size_factor: bool = False,
+        prior: str | nn.Module = "normal",
+        decoder: nn.Module | None = None,
+    ):
+        super().__init__()
+        for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
+            if value not in NORM_OPTIONS:
+                raise ValueError(f"{name} must be one of {NORM_OPTIONS}, got {value!r}.")
+        if not callable(gene_likelihood) and gene_likelihood not in GENE_LIKELIHOODS:
+            raise ValueError(
+                f"gene_likelihood must be one of {GENE_LIKELIHOODS} or a callable, "
+                f"got {gene_likelihood!r}."
+            )
+        self.n_input = n_input
+        self.n_latent = n_latent
+        self.gene_likelihood = gene_likelihood
+        self.use_observed_lib_size = use_observed_lib_size
+        self.use_size_factor = use_size_factor
+        self.encode_covariates = encode_covariates
+        self.z_transform = latent_transform(latent_distribution)
+
+        cat_list = [n_batch, *n_cats_per_cov]
+        self.encoder = AmortizedEncoder(
+            n_input,
+            n_latent,
+            n_cat_list=cat_list if encode_covariates else (),
+            n_cont=n_continuous_cov if encode_covariates else 0,
+            latent_library=not use_observed_lib_size,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm in ("encoder", "both"),
+            use_layer_norm=use_layer_norm in ("encoder", "both"),
+            inject_covariates=deeply_inject_covariates,
+            latent_distribution=latent_distribution,
+        )
+        self.decoder = decoder or ExpressionDecoder(
+            n_latent,
+            n_input,
+            n_cat_list=cat_list,
+            n_cont=n_continuous_cov,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            use_batch_norm=use_batch_norm in ("decoder", "both"),
+            use_layer_norm=use_layer_norm in ("decoder", "both"),
+            inject_covariates=deeply_inject_covariates,
+            predict_dispersion=dispersion == "gene-cell",
+            zero_inflation=gene_likelihood == "zinb" or callable(gene_likelihood),
+            scale_activation="softplus" if use_size_factor else "softmax",
+        )
+        self.dispersion = Dispersion(n_input, dispersion, n_batch=n_batch, n_labels=n_labels)
+        self.prior = build_prior(prior, n_latent)
+        if not use_observed_lib_size and (library_log_means is None or library_log_vars is None):
+            raise ValueError("A latent library size needs library_log_means and library_log_vars.")
+        means = torch.zeros(n_batch) if library_log_means is None else library_log_means
+        variances = torch.ones(n_batch) if library_log_vars is None else library_log_vars
+        self.register_buffer("library_log_means", torch.as_tensor(means, dtype=torch.float32))
+        self.register_buffer("library_log_vars", torch.as_tensor(variances, dtype=torch.float32))
+
+    # -- pieces shared by model, guide and the posterior utilities ------------------------
+
+    def covariates(self, batch_index, cat_covs) -> list[torch.Tensor]:
+        """Categorical covariate codes in network order: batch first, then extra ones."""
+        extra = [] if cat_covs is None else list(cat_covs.unbind(-1))
+        return [batch_index, *extra]
+
+    def observed_log_library(self, x, size_factor=None) -> torch.Tensor:
+        """Observed log library size, shape ``(n_cells, 1)``."""
+        if size_factor is not None:
+            return size_factor.log().unsqueeze(-1)
+        return x.sum(-1, keepdim=True).log()
+
+    def encode(self, x, batch_index, cat_covs=None, cont_covs=None) -> AmortizedPosterior:
+        """Parameters of q(z, log l | x) for a minibatch."""
+        if self.encode_covariates:
+            return self.encoder(torch.log1p(x), self.covariates(batch_index, cat_covs), cont_covs)
+        return self.encoder(torch.log1p(x))
+
+    def generative(self, z, log_library, batch_index, labels=None, cat_covs=None, cont_covs=None):
+        """Likelihood parameters given latent values.
+
+        Returns
+        -------
+        dict
+            ``rho`` (normalized expression), ``mu`` (mean counts), ``theta`` (inverse
+            dispersion, ``None`` for Poisson) and ``zi_logits`` (``None`` unless ZINB).
+        """
+        out = self.decoder(self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        theta = None
+        if self.gene_likelihood != "poisson":
+            theta = self.dispersion(batch_index, labels, out.theta_logits)
+        return {
+            "rho": out.rho,
+            "mu": torch.exp(log_library) * out.rho,
+            "theta": theta,
+            "zi_logits": out.zi_logits,
+        }
+
+    def likelihood(self, params: dict) -> dist.Distribution:
+        """The distribution of a cell's counts (event shape: genes)."""
+        return count_likelihood(
+            self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"]
+        ).to_event(1)
+
+    # -- the model/guide pair -------------------------------------------------------------
+
+    def model(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
+              size_factor=None, n_obs=None, kl_weight=1.0):
+        """Generative process p(x, z, l) for a minibatch of ``x.shape[0]`` cells."""
+        n_cells = x.shape[0]
+        with cell_plate(n_cells, n_obs):
+            with kl_scale(kl_weight):
+                z = pyro.sample("z", self.prior(n_cells))
+                if self.use_observed_lib_size:
+                    log_library = self.observed_log_library(x, size_factor)
+                else:
+                    log_library = pyro.sample(
+                        "library",
+                        dist.Normal(
+                            self.library_log_means[batch_index].unsqueeze(-1),
+                            self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
+                        ).to_event(1),
+                    )
+            params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
+            pyro.sample("x", self.likelihood(params), obs=x)
+
+    def guide(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
+              size_factor=None, n_obs=None, kl_weight=1.0):
+        """Amortized posterior q(z, l | x) for a minibatch."""
+        q = self.encode(x, batch_index, cat_covs, cont_covs)
+        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
+            pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            if q.library_loc is not None:
+                pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))

@@ -1,0 +1,26 @@
+"""Neural building blocks shared by every pyrovi model (``pyrovi.nn``)."""
+
+from pyrovi.nn.decoder import ExpressionDecoder, ExpressionParams
+from pyrovi.nn.dispersion import DISPERSIONS, Dispersion
+from pyrovi.nn.encoder import (
+    LATENT_DISTRIBUTIONS,
+    AmortizedEncoder,
+    AmortizedPosterior,
+    GaussianEncoder,
+    latent_transform,
+)
+from pyrovi.nn.fc import CovariateLinear, FCLayers
+
+__all__ = [
+    "DISPERSIONS",
+    "LATENT_DISTRIBUTIONS",
+    "AmortizedEncoder",
+    "AmortizedPosterior",
+    "CovariateLinear",
+    "Dispersion",
+    "ExpressionDecoder",
+    "ExpressionParams",
+    "FCLayers",
+    "GaussianEncoder",
+    "latent_transform",
+]

@@ -1,0 +1,59 @@
+"""Inverse dispersion (theta) of negative-binomial likelihoods, shared or per group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+
+
+class Dispersion(nn.Module):
+    """Inverse dispersion ``theta > 0`` per feature, per feature and group, or per cell.
+
+    Parameters
+    ----------
+    n_features
+        Number of features (genes, proteins).
+    mode
+        ``"gene"`` (one theta per feature), ``"gene-batch"`` / ``"gene-label"`` (one per
+        feature and batch / label), or ``"gene-cell"`` (predicted by the decoder per cell).
+        Protein models use the same modes with ``protein`` for ``gene``.
+    n_batch, n_labels
+        Number of groups for the grouped modes.
+
+    Notes
+    -----
+    Like scvi-tools, theta is a point estimate (a parameter, not a latent variable), stored
+    on the log scale and initialised from a standard normal.
+    """
+
+    def __init__(self, n_features: int, mode: str = "gene", n_batch: int = 1, n_labels: int = 1):
+        super().__init__()
+        canonical = mode.replace("protein", "gene")
+        if canonical not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {mode!r}.")
+        self.mode = canonical
+        n_groups = {"gene": 1, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}
+        self.log_theta = (
+            nn.Parameter(torch.randn(n_groups[canonical], n_features))
+            if canonical != "gene-cell"
+            else None
+        )
+
+    def forward(
+        self,
+        batch_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        theta_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Theta for a minibatch: shape ``(n_features,)`` for ``"gene"``, else per cell."""
+        if self.mode == "gene":
+            return self.log_theta[0].exp()
+        if self.mode == "gene-batch":
+            return self.log_theta.index_select(0, batch_index).exp()
+        if self.mode == "gene-label":
+            return self.log_theta.index_select(0, labels).exp()
+        if theta_logits is None:
+            raise ValueError("dispersion='gene-cell' needs theta_logits from the decoder.")
+        return theta_logits.exp()

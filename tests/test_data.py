@@ -1,0 +1,183 @@
+"""Registration and validation of AnnData: clear errors, and nothing changed on error."""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import pyrovi
+from pyrovi.data import (
+    AnnDataRegistry,
+    CountDataError,
+    CountMatrix,
+    SetupError,
+    build_cell_tensors,
+    get_registry,
+)
+
+
+def snapshot(adata):
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)
+    return X.copy(), adata.obs.copy(), dict(adata.uns), list(adata.layers.keys())
+
+
+def assert_unchanged(adata, before):
+    X, obs, uns, layers = before
+    now = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(now, X)
+    pd.testing.assert_frame_equal(adata.obs, obs)
+    assert set(adata.uns) == set(uns)
+    assert list(adata.layers.keys()) == layers
+
+
+def with_value(adata, value, dense=False):
+    adata = adata.copy()
+    X = adata.X.toarray()
+    X[5, 3] = value
+    adata.X = X if dense else sp.csr_matrix(X)
+    return adata
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize(
+    "value, message",
+    [(-1.0, "negative"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+     (0.5, "non-integer")],
+)
+def test_bad_values_raise_and_leave_adata_unchanged(small_adata, value, message, dense):
+    adata = with_value(small_adata, value, dense)
+    before = snapshot(adata)
+    with pytest.raises(CountDataError, match=message) as info:
+        pyrovi.SCVI.setup_anndata(adata)
+    assert "cell5" in str(info.value) and "gene3" in str(info.value)
+    assert_unchanged(adata, before)
+
+
+def test_non_integer_message_mentions_normalized_data_and_opt_out(small_adata):
+    adata = small_adata.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
+    with pytest.raises(CountDataError, match="normalized or log-transformed") as info:
+        pyrovi.SCVI.setup_anndata(adata)
+    assert "allow_non_integer=True" in str(info.value)
+    pyrovi.SCVI.setup_anndata(adata, allow_non_integer=True)
+    assert get_registry(adata).allow_non_integer
+
+
+def test_empty_cells_error_counts_them_and_drop_option(small_adata):
+    adata = small_adata.copy()
+    X = adata.X.toarray()
+    X[[2, 7, 9]] = 0
+    adata.X = sp.csr_matrix(X)
+    before = snapshot(adata)
+    with pytest.raises(CountDataError, match="3 cell\\(s\\) with zero total counts"):
+        pyrovi.SCVI.setup_anndata(adata)
+    assert_unchanged(adata, before)
+    pyrovi.SCVI.setup_anndata(adata, drop_empty_cells=True)
+    model = pyrovi.SCVI(adata, n_latent=2, n_hidden=16)
+    model.train(max_epochs=1, progress_bar=False, seed=0)
+    used = np.concatenate([model.train_indices, model.validation_indices])
+    assert not set(used) & {2, 7, 9}
+    assert len(used) == adata.n_obs - 3
+    # The dropped cells still get a latent representation, so obsm can hold every cell.
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_missing_obs_key_lists_columns(small_adata):
+    before = snapshot(small_adata)
+    with pytest.raises(KeyError, match="not a column of adata.obs") as info:
+        pyrovi.SCVI.setup_anndata(small_adata, batch_key="sample")
+    assert "'cluster'" in str(info.value) and "'batch'" in str(info.value)
+    assert_unchanged(small_adata, before)
+    for kwargs in ({"labels_key": "nope"}, {"categorical_covariate_keys": ["nope"]},
+                   {"continuous_covariate_keys": ["nope"]}, {"size_factor_key": "nope"}):
+        with pytest.raises(SetupError, match="'nope' is not a column"):
+            pyrovi.SCVI.setup_anndata(small_adata, **kwargs)
+    assert_unchanged(small_adata, before)
+
+
+def test_missing_layer_lists_layers(small_adata):
+    small_adata.layers["counts"] = small_adata.X.copy()
+    with pytest.raises(KeyError, match=r"Layer 'raw' is not in adata.layers.*'counts'"):
+        pyrovi.SCVI.setup_anndata(small_adata, layer="raw")
+    pyrovi.SCVI.setup_anndata(small_adata, layer="counts")
+    assert get_registry(small_adata).layer == "counts"
+
+
+def test_bad_covariates_are_reported(small_adata):
+    adata = small_adata.copy()
+    adata.obs["depth"] = np.nan
+    with pytest.raises(SetupError, match="missing value"):
+        pyrovi.SCVI.setup_anndata(adata, continuous_covariate_keys=["depth"])
+    adata.obs["depth"] = "deep"
+    with pytest.raises(SetupError, match="not numeric"):
+        pyrovi.SCVI.setup_anndata(adata, continuous_covariate_keys=["depth"])
+    adata.obs["sf"] = 0.0
+    with pytest.raises(SetupError, match="non-positive size factor"):
+        pyrovi.SCVI.setup_anndata(adata, size_factor_key="sf")
+    assert "_pyrovi" not in adata.uns
+
+
+def test_registry_summary_mappings_and_h5ad_round_trip(small_adata, tmp_path):
+    small_adata.obs["donor"] = pd.Categorical(
+        np.where(np.arange(small_adata.n_obs) % 3 == 0, "d2", "d1"), categories=["d2", "d1"]
+    )
+    small_adata.obs["pct_mito"] = np.linspace(0, 1, small_adata.n_obs)
+    pyrovi.SCVI.setup_anndata(
+        small_adata, batch_key="batch", labels_key="cluster",
+        categorical_covariate_keys=["donor"], continuous_covariate_keys=["pct_mito"],
+    )
+    registry = get_registry(small_adata, "SCVI")
+    assert registry.summary() == {
+        "n_cells": 300, "n_vars": 60, "n_batch": 2, "n_labels": 3,
+        "n_extra_categorical_covs": 1, "n_extra_continuous_covs": 1,
+    }
+    assert registry.batch_categories == ["b0", "b1"]
+    # The category order of a pandas Categorical is kept, as in scvi-tools.
+    assert registry.covariate_categories["donor"] == ["d2", "d1"]
+    path = tmp_path / "a.h5ad"
+    small_adata.write_h5ad(path)
+    assert get_registry(anndata.read_h5ad(path)) == registry
+    assert AnnDataRegistry.from_dict(registry.to_dict()) == registry
+
+
+def test_unregistered_adata_and_wrong_model(small_adata):
+    with pytest.raises(SetupError, match="setup_anndata"):
+        pyrovi.SCVI(small_adata)
+    pyrovi.data.setup_anndata(small_adata, model_name="OTHER")
+    with pytest.raises(SetupError, match="set up for OTHER"):
+        pyrovi.SCVI(small_adata)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_cell_tensors_gather_matches_scipy(fmt, small_adata):
+    X = small_adata.X.tocsr()
+    small_adata.X = {"csr": X, "csc": X.tocsc(), "dense": X.toarray()}[fmt]
+    pyrovi.SCVI.setup_anndata(small_adata, batch_key="batch", labels_key="cluster")
+    data = build_cell_tensors(small_adata, get_registry(small_adata), "cpu")
+    assert data.counts.is_sparse == (fmt != "dense")
+    index = torch.tensor([0, 299, 17, 17, 150])
+    batch = data.minibatch(index)
+    np.testing.assert_array_equal(batch["x"].numpy(), X[index.numpy()].toarray())
+    expected = small_adata.obs["batch"].cat.codes.to_numpy()[index.numpy()]
+    np.testing.assert_array_equal(batch["batch_index"].numpy(), expected)
+
+
+def test_sparse_matrix_is_not_densified():
+    # 200k × 2k at 0.1% density: a dense copy would need 1.6 GB, the CSR arrays ~5 MB.
+    X = sp.random(200_000, 2_000, density=0.001, format="csr", random_state=0, dtype=np.float32)
+    X.data = np.ceil(X.data * 5)
+    matrix = CountMatrix(X, "cpu")
+    stored = sum(t.numel() * t.element_size() for t in (matrix.indptr, matrix.indices, matrix.data))
+    assert stored < 20 * 2**20
+    rows = torch.tensor([3, 199_999, 12345])
+    np.testing.assert_array_equal(matrix.gather(rows).numpy(), X[rows.numpy()].toarray())
+
+
+def test_duplicate_gene_names_are_rejected(small_adata):
+    small_adata.var_names = ["g"] * 2 + list(small_adata.var_names[2:])
+    with pytest.raises(SetupError, match="var_names_make_unique"):
+        pyrovi.SCVI.setup_anndata(small_adata)

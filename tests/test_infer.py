@@ -1,0 +1,114 @@
+"""The SVI machinery: minibatch scaling, KL warm-up, splits, per-cell terms, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyrovi.infer import (
+    cell_plate,
+    default_max_epochs,
+    kl_scale,
+    kl_weight_schedule,
+    loss_and_terms,
+    resolve_device,
+    split_indices,
+)
+from pyrovi.infer.training import EarlyStopping, shuffled_minibatches
+
+
+def toy_model(x, n_obs=None, kl_weight=1.0):
+    with cell_plate(x.shape[0], n_obs):
+        with kl_scale(kl_weight):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([x.shape[0], 2]).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+def toy_guide(x, n_obs=None, kl_weight=1.0):
+    with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
+        pyro.sample("z", dist.Normal(x.expand(-1, 2) * 0.3, 0.5).to_event(1))
+
+
+def closed_form_terms(x):
+    """Exact -log p(x|z) is random; KL(q||p) of N(0.3x, 0.25) vs N(0, 1) is closed form."""
+    mu, var = 0.3 * x.expand(-1, 2), 0.25
+    return (0.5 * (var + mu**2 - 1.0 - np.log(var))).sum(-1)
+
+
+def test_per_cell_terms_match_loss_and_closed_form_kl():
+    x = torch.randn(64, 1)
+    pyro.set_rng_seed(0)
+    loss, terms = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x)
+    torch.testing.assert_close(loss, terms.negative_elbo.sum())
+    # The Monte Carlo KL averages to the closed form over many cells.
+    x_big = torch.randn(20000, 1)
+    _, big = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x_big)
+    assert abs(big.kl.mean() - closed_form_terms(x_big).mean()) < 0.02
+
+
+def test_cell_plate_scales_minibatch_to_dataset_size():
+    x = torch.randn(50, 1)
+    pyro.set_rng_seed(1)
+    loss_full, terms = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x)
+    pyro.set_rng_seed(1)
+    loss_scaled, terms_scaled = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x, n_obs=500)
+    torch.testing.assert_close(loss_scaled, 10 * loss_full)
+    # The per-cell terms are reported unscaled.
+    torch.testing.assert_close(terms_scaled.negative_elbo, terms.negative_elbo)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.25])
+def test_kl_weight_scales_only_the_latent_sites(kl_weight):
+    x = torch.randn(40, 1)
+    pyro.set_rng_seed(2)
+    loss, terms = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x, kl_weight=kl_weight)
+    expected = terms.reconstruction.sum() + kl_weight * terms.kl.sum()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_kl_warmup_schedule_and_default_epochs():
+    assert kl_weight_schedule(0, 0, 400) == 0.0
+    assert kl_weight_schedule(100, 0, 400) == 0.25
+    assert kl_weight_schedule(800, 0, 400) == 1.0
+    assert kl_weight_schedule(5, 50, 400, n_steps_kl_warmup=100) == 0.5
+    assert kl_weight_schedule(5, 50, None, None) == 1.0
+    assert default_max_epochs(700) == 400
+    assert default_max_epochs(100_000) == 80
+    assert default_max_epochs(10**8) == 1
+
+
+def test_split_sizes_disjoint_and_seeded():
+    candidates = np.arange(1000)
+    train, val = split_indices(candidates, 0.9, None, np.random.default_rng(0))
+    assert len(train) == 900 and len(val) == 100 and not set(train) & set(val)
+    train2, _ = split_indices(candidates, 0.9, None, np.random.default_rng(0))
+    np.testing.assert_array_equal(train, train2)
+    train, val = split_indices(candidates, 0.5, 0.2, np.random.default_rng(0))
+    assert (len(train), len(val)) == (500, 200)
+    with pytest.raises(ValueError, match="at most 1"):
+        split_indices(candidates, 0.9, 0.2)
+
+
+def test_minibatches_cover_every_cell_once_and_never_leave_a_singleton():
+    index = torch.arange(257)
+    batches = shuffled_minibatches(index, 128)
+    assert [b.numel() for b in batches] == [128, 129]
+    assert torch.equal(torch.sort(torch.cat(batches)).values, index)
+
+
+def test_early_stopping_patience():
+    stopper = EarlyStopping(patience=2, min_delta=0.1)
+    assert [stopper.should_stop(v) for v in (5.0, 4.0, 3.95, 3.92)] == [False, False, False, True]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
