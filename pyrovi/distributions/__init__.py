@@ -1,0 +1,25 @@
+"""Count distributions for single-cell likelihoods (``pyrovi.distributions``).
+
+All three are parameterized by their (component) mean ``mu``, so a model can switch
+between them by name:
+
+- :class:`NegativeBinomial` ``(mu, theta)``: Gamma-Poisson with inverse dispersion
+  ``theta``, variance ``mu + mu**2 / theta``.
+- :class:`ZeroInflatedNegativeBinomial` ``(mu, theta, zi_logits)``: the same with extra
+  zeros of probability ``sigmoid(zi_logits)``.
+- :class:`Poisson` ``(mu)``.
+
+:func:`log_nb_positive` is the numerically stable negative binomial log-density they use.
+"""
+
+from pyrovi.distributions._functional import log_nb_positive
+from pyrovi.distributions.negative_binomial import NegativeBinomial
+from pyrovi.distributions.poisson import Poisson
+from pyrovi.distributions.zero_inflated import ZeroInflatedNegativeBinomial
+
+__all__ = [
+    "NegativeBinomial",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
+    "log_nb_positive",
+]

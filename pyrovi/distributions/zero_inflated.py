@@ -1,0 +1,152 @@
+"""Zero-inflated negative binomial distribution."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import ZeroInflatedDistribution
+from torch.distributions import constraints
+from torch.distributions.utils import broadcast_all
+
+from pyrovi.distributions._utils import repr_params
+from pyrovi.distributions.negative_binomial import NegativeBinomial
+
+
+class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
+    """Negative binomial with extra zeros, scVI's ZINB.
+
+    ``x = 0`` with probability ``pi = sigmoid(zi_logits)`` (the dropout, or gate), and
+    ``x ~ NegativeBinomial(mu, theta)`` otherwise. Note that ``mu`` is the mean of the
+    negative binomial component, not of ``x``: ``E[x] = (1 - pi) * mu``.
+
+    Parameters
+    ----------
+    mu
+        Mean of the negative binomial component, ``mu >= 0``.
+    theta
+        Inverse dispersion of the negative binomial component, ``theta > 0``.
+    zi_logits
+        Logits of the probability of an extra zero.
+    validate_args
+        Check the parameters (and values passed to :meth:`log_prob`) against their
+        constraints; ``None`` follows the global setting.
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = ZeroInflatedNegativeBinomial(
+    ...     mu=torch.tensor(4.0), theta=torch.tensor(2.0), zi_logits=torch.tensor(0.0)
+    ... )
+    >>> d.mean, d.zi_probs
+    (tensor(2.), tensor(0.5000))
+    """
+
+    arg_constraints = {
+        "mu": constraints.nonnegative,
+        "theta": constraints.positive,
+        "zi_logits": constraints.real,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu: torch.Tensor | float,
+        theta: torch.Tensor | float,
+        zi_logits: torch.Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        mu, theta, zi_logits = broadcast_all(mu, theta, zi_logits)
+        base_dist = NegativeBinomial(mu, theta, validate_args=validate_args)
+        super().__init__(base_dist, gate_logits=zi_logits, validate_args=validate_args)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """Mean of the negative binomial component."""
+        return self.base_dist.mu
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """Inverse dispersion of the negative binomial component."""
+        return self.base_dist.theta
+
+    @property
+    def zi_logits(self) -> torch.Tensor:
+        """Logits of the probability of an extra zero."""
+        return self.gate_logits
+
+    @property
+    def zi_probs(self) -> torch.Tensor:
+        """Probability of an extra zero, ``sigmoid(zi_logits)``."""
+        return torch.sigmoid(self.gate_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mean, ``(1 - pi) * mu``."""
+        # sigmoid(-logits) rather than 1 - sigmoid(logits): exact for large logits.
+        return torch.sigmoid(-self.gate_logits) * self.mu
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The variance, ``(1 - pi) * (mu + mu**2 / theta) + pi * (1 - pi) * mu**2``."""
+        # The law of total variance over the gate; the textbook E[x^2] - E[x]^2 cancels.
+        keep = torch.sigmoid(-self.gate_logits)
+        return keep * self.base_dist.variance + keep * (1.0 - keep) * self.mu.square()
+
+    def __repr__(self) -> str:
+        return repr_params(self)
+
+    def expand(self, batch_shape: torch.Size, _instance=None) -> ZeroInflatedNegativeBinomial:
+        """Broadcast the parameters to ``batch_shape`` without copying them.
+
+        Parameters
+        ----------
+        batch_shape
+            The new batch shape.
+        _instance
+            Used by subclasses (torch's ``expand`` protocol).
+
+        Returns
+        -------
+        ZeroInflatedNegativeBinomial
+            A distribution of batch shape ``batch_shape``.
+        """
+        # Not inherited: ZeroInflatedDistribution.expand raises once the lazy ``gate`` has
+        # been computed, because it then passes both ``gate`` and ``gate_logits``.
+        new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
+        batch_shape = torch.Size(batch_shape)
+        ZeroInflatedDistribution.__init__(
+            new,
+            self.base_dist.expand(batch_shape),
+            gate_logits=self.gate_logits.expand(batch_shape),
+            validate_args=False,
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-probability of the counts ``value``.
+
+        ``log(pi + (1 - pi) * p_nb(0))`` at zero and ``log(1 - pi) + log p_nb(x)`` elsewhere,
+        both computed from the logits.
+
+        Parameters
+        ----------
+        value
+            Non-negative integer counts, broadcastable to the batch shape.
+
+        Returns
+        -------
+        torch.Tensor
+            Elementwise log-probabilities.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        # Always from the logits: the inherited log_prob switches to the less stable
+        # probability form as soon as the lazy ``gate`` has been read.
+        logits, value = broadcast_all(self.gate_logits, value)
+        log_nb = self.base_dist.log_prob(value)
+        log_keep = -F.softplus(logits)  # log(1 - pi)
+        log_gate = -F.softplus(-logits)  # log(pi)
+        nonzero = log_keep + log_nb
+        zero = torch.logaddexp(log_gate, nonzero)
+        return torch.where(value == 0, zero, nonzero)
