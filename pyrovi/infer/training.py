@@ -261,8 +261,6 @@ def train_svi(
             loss_sum = torch.zeros((), device=device)
             reconstruction_sum = torch.zeros((), device=device)
             kl_sum = torch.zeros((), device=device)
-            kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
-                                           plan.n_steps_kl_warmup)
             for index in shuffled_minibatches(train_index, plan.batch_size):
                 kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
                                                plan.n_steps_kl_warmup)

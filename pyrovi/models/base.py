@@ -98,15 +98,15 @@ class BaseModel:
             return self.adata, self.registry
         return adata, register_new_data(self.registry, adata, self.var_names)
 
-    def _cell_tensors(self, adata=None, indices=None) -> tuple[CellTensors, np.ndarray]:
-        """Registered data of the requested cells on the model's device, and their indices."""
+    def _cell_tensors(self, adata=None, indices=None) -> tuple[CellTensors, np.ndarray, object]:
+        """The requested cells on the model's device, their indices, and the AnnData used."""
         adata, registry = self._validate_anndata(adata)
         if indices is None:
             indices = np.arange(adata.n_obs)
         indices = np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
-        return build_cell_tensors(adata, registry, self.device, indices), indices
+        return build_cell_tensors(adata, registry, self.device, indices), indices, adata
 
     # -- training -----------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ class BaseModel:
         --------
         >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         return latent_representation(
             self.module, data, None, give_mean=give_mean, n_samples=n_samples,
             batch_size=batch_size or 1024,
@@ -271,7 +271,7 @@ class BaseModel:
         numpy.ndarray
             ``(n_cells, n_genes)`` for one sample, else ``(n_cells, n_genes, n_samples)``.
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         columns = None if gene_list is None else self._gene_positions(gene_list)
         draws = posterior_predictive(
             self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
@@ -297,7 +297,7 @@ class BaseModel:
 
         Same convention as scvi-tools' ``get_elbo``: the ELBO itself, not its negative.
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
         elbo = -terms.negative_elbo.cpu().numpy()
         return float(elbo.mean()) if return_mean else elbo
@@ -316,7 +316,7 @@ class BaseModel:
         dict
             ``{"reconstruction_loss": value}`` (mean, or one value per cell).
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
         loss = terms.reconstruction.cpu().numpy()
         return {"reconstruction_loss": float(loss.mean()) if return_mean else loss}
@@ -342,7 +342,7 @@ class BaseModel:
             Mean over cells, or one value per cell. Higher is better; it is at least the ELBO
             in expectation.
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         values = marginal_log_likelihood(self.module, data, None, n_mc_samples, batch_size or 256)
         return float(values.mean()) if return_mean else values
 

@@ -235,8 +235,7 @@ class SCVI(BaseModel):
         -------
         pandas.DataFrame or numpy.ndarray
         """
-        adata_used, _ = self._validate_anndata(adata)
-        data, indices = self._cell_tensors(adata, indices)
+        data, indices, adata_used = self._cell_tensors(adata, indices)
         columns = np.arange(self.registry.n_vars)
         if gene_list is not None:
             columns = self._gene_positions(gene_list)
@@ -284,7 +283,7 @@ class SCVI(BaseModel):
             ``"dropout"`` (zero-inflation logits, ZINB only), each ``(n_cells, n_genes)``
             (``(n_samples, n_cells, n_genes)`` for several draws unless ``give_mean``).
         """
-        data, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self._cell_tensors(adata, indices)
         names = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
         chunks: dict[str, list] = {k: [] for k in names}
         with inference_mode(self.module):

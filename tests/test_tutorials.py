@@ -1,0 +1,24 @@
+"""Tutorial notebooks run top to bottom (at small settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda p: p.name)
+def test_tutorial_runs(notebook, tmp_path, monkeypatch):
+    pytest.importorskip("scanpy")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYROVI_TUTORIAL_EPOCHS", "20")
+    namespace: dict = {}
+    for i, cell in enumerate(json.loads(notebook.read_text())["cells"]):
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])
+            exec(compile(source, f"{notebook.name}[cell {i}]", "exec"), namespace)
