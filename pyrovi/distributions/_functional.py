@@ -120,17 +120,33 @@ def _rising_log_factorial_large(x: torch.Tensor, theta: torch.Tensor) -> torch.T
     )
 
 
+def _unbroadcast(t: torch.Tensor) -> torch.Tensor:
+    """The tensor behind a broadcast view: stride-0 dimensions narrowed to size 1.
+
+    A per-gene theta broadcast to (cells, genes) holds one value per gene; functions of
+    theta alone are computed on that instead of once per cell.
+    """
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
 def _log_nb_dense_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """The terms that vanish at ``x = 0``, for dense counts (full tensors).
 
     The direct ``lgamma(x + theta) - lgamma(theta)`` is computed everywhere; entries with
     ``theta > THETA_SWITCH``, where it loses precision, are recomputed with Stirling's series.
     """
-    rising = torch.lgamma(x + theta) - torch.lgamma(theta)
-    large = torch.nonzero((theta > THETA_SWITCH) & (x > 0), as_tuple=True)
-    if large[0].numel():
-        rising = rising.index_put(large, _rising_log_factorial_large(x[large], theta[large]))
-    return rising - torch.lgamma(x + 1.0) + _x_log_mu(x, mu) - x * torch.log(theta + mu)
+    theta_own = _unbroadcast(theta)
+    rising = torch.lgamma(x + theta) - torch.lgamma(theta_own)
+    if bool((theta_own > THETA_SWITCH).any()):
+        large = torch.nonzero((theta > THETA_SWITCH) & (x > 0), as_tuple=True)
+        if large[0].numel():
+            rising = rising.index_put(large, _rising_log_factorial_large(x[large], theta[large]))
+    # x * log(mu) needs care only where mu is exactly 0 (see _x_log_mu); that is rare.
+    x_log_mu = _x_log_mu(x, mu) if bool((mu == 0).any()) else x * torch.log(mu)
+    return rising - torch.lgamma(x + 1.0) + x_log_mu - x * torch.log(theta + mu)
 
 
 def _log_nb_nonzero_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
