@@ -12,11 +12,12 @@ import logging
 __version__ = "0.1.0"
 
 from pyrovi import data, datasets, distributions, infer, models, nn, posterior, priors  # noqa: E402
-from pyrovi.models import SCVI  # noqa: E402
+from pyrovi.models import LDVAE, SCVI  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "LDVAE",
     "SCVI",
     "__version__",
     "data",

@@ -1,11 +1,13 @@
 """Models (``pyrovi.models``): each a Pyro model/guide module plus its user API."""
 
 from pyrovi.models.base import BaseModel
+from pyrovi.models.ldvae import LDVAE
 from pyrovi.models.scvi import SCVI, library_size_priors
 from pyrovi.models.scvi_module import GENE_LIKELIHOODS, SCVIModule, count_likelihood
 
 __all__ = [
     "GENE_LIKELIHOODS",
+    "LDVAE",
     "SCVI",
     "BaseModel",
     "SCVIModule",

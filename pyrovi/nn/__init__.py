@@ -1,6 +1,6 @@
 """Neural building blocks shared by every pyrovi model (``pyrovi.nn``)."""
 
-from pyrovi.nn.decoder import ExpressionDecoder, ExpressionParams
+from pyrovi.nn.decoder import ExpressionDecoder, ExpressionParams, LinearExpressionDecoder
 from pyrovi.nn.dispersion import DISPERSIONS, Dispersion
 from pyrovi.nn.encoder import (
     LATENT_DISTRIBUTIONS,
@@ -22,5 +22,6 @@ __all__ = [
     "ExpressionParams",
     "FCLayers",
     "GaussianEncoder",
+    "LinearExpressionDecoder",
     "latent_transform",
 ]

@@ -93,3 +93,68 @@ class ExpressionDecoder(nn.Module):
             theta_logits=None if self.theta_head is None else self.theta_head(h),
             zi_logits=None if self.zi_head is None else self.zi_head(h),
         )
+
+
+class LinearExpressionDecoder(nn.Module):
+    """LDVAE's decoder (Svensson et al. 2020): expression logits linear in z.
+
+    ``rho = softmax(W z + covariate terms [+ b])``, optionally with batch norm on the linear
+    output (as in the reference implementation), so that each column of ``W`` is an
+    interpretable gene program.
+
+    Parameters
+    ----------
+    n_input, n_output
+        Latent dimension and number of features.
+    n_cat_list, n_cont
+        Covariates entering the linear map.
+    use_batch_norm
+        Batch-normalise the linear output (affine, as in scvi-tools' LDVAE).
+    bias
+        Add a per-gene bias.
+    predict_dispersion, zero_inflation
+        Linear heads for per-cell dispersion and zero-inflation logits.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_cat_list: Sequence[int] = (),
+        n_cont: int = 0,
+        use_batch_norm: bool = False,
+        bias: bool = False,
+        predict_dispersion: bool = False,
+        zero_inflation: bool = False,
+    ):
+        super().__init__()
+
+        def linear_map() -> FCLayers:
+            return FCLayers(
+                n_input, n_output, n_cat_list, n_cont, n_layers=1, dropout_rate=0.0,
+                use_batch_norm=use_batch_norm, use_activation=False, bias=bias,
+            )
+
+        self.factor_regressor = linear_map()
+        self.theta_head = linear_map() if predict_dispersion else None
+        self.zi_head = linear_map() if zero_inflation else None
+
+    def forward(
+        self, z: torch.Tensor, cats: Sequence[torch.Tensor] = (), cont: torch.Tensor | None = None
+    ) -> ExpressionParams:
+        """Decode ``z`` with covariates into :class:`ExpressionParams`."""
+        return ExpressionParams(
+            rho=torch.softmax(self.factor_regressor(z, cats, cont), -1),
+            theta_logits=None if self.theta_head is None else self.theta_head(z, cats, cont),
+            zi_logits=None if self.zi_head is None else self.zi_head(z, cats, cont),
+        )
+
+    def loadings(self) -> torch.Tensor:
+        """Genes × latent loadings ``W``, scaled by the batch norm's ``gamma / sigma``."""
+        layer = self.factor_regressor.layers[0]
+        weight = layer["linear"].linear.weight.detach()
+        for module in layer["post"]:
+            if isinstance(module, nn.BatchNorm1d):
+                scale = module.weight.detach() / torch.sqrt(module.running_var + module.eps)
+                weight = weight * scale.unsqueeze(-1)
+        return weight

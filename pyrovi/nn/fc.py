@@ -104,6 +104,8 @@ class FCLayers(nn.Module):
         Apply ReLU.
     inject_covariates
         Inject covariates into every layer, not only the first.
+    bias
+        Add a bias in the linear maps.
 
     Examples
     --------
@@ -125,6 +127,7 @@ class FCLayers(nn.Module):
         use_layer_norm: bool = False,
         use_activation: bool = True,
         inject_covariates: bool = True,
+        bias: bool = True,
     ):
         super().__init__()
         widths = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
@@ -144,7 +147,8 @@ class FCLayers(nn.Module):
                 nn.ModuleDict(
                     {
                         "linear": CovariateLinear(
-                            w_in, w_out, n_cat_list if inject else (), n_cont if inject else 0
+                            w_in, w_out, n_cat_list if inject else (), n_cont if inject else 0,
+                            bias=bias,
                         ),
                         "post": nn.Sequential(*post),
                     }
