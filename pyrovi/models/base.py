@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import anndata
@@ -42,7 +43,7 @@ _SAVED_ADATA = "adata.h5ad"
 _PLAN_FIELDS = set(TrainingPlan.__dataclass_fields__)
 
 
-class BaseModel:
+class BaseModel(ABC):
     """Shared user API of pyrovi models (not used directly).
 
     Attributes
@@ -76,8 +77,9 @@ class BaseModel:
         self.device = torch.device("cpu")
         self._split = None
 
+    @abstractmethod
     def _build_module(self, adata, registry: AnnDataRegistry, **init_params):
-        raise NotImplementedError(f"{type(self).__name__} must build its module.")
+        """Build the model/guide module from the registry (each model says how)."""
 
     def __repr__(self) -> str:
         summary = ", ".join(f"{k}={v}" for k, v in self.registry.summary().items())
