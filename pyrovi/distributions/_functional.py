@@ -109,11 +109,13 @@ def log_nb_positive(
     return log_p.index_put(nonzero, extra, accumulate=True)
 
 
-def _rising_log_factorial_large(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``lgamma(x + theta) - lgamma(theta)`` by Stirling's series (``theta >= 10``)."""
+def _stirling_rising_excess(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + theta) - lgamma(theta) - x * log(theta)`` by Stirling's series (theta >= 10).
+
+    Free of large cancelling terms: it is about ``x**2 / (2 theta)`` when theta is large.
+    """
     return (
-        x * torch.log(theta)
-        + (theta + x - 0.5) * torch.log1p(x / theta)
+        (theta + x - 0.5) * torch.log1p(x / theta)
         - x
         + _stirling_remainder(theta + x)
         - _stirling_remainder(theta)
@@ -143,7 +145,8 @@ def _log_nb_dense_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) 
     if bool((theta_own > THETA_SWITCH).any()):
         large = torch.nonzero((theta > THETA_SWITCH) & (x > 0), as_tuple=True)
         if large[0].numel():
-            rising = rising.index_put(large, _rising_log_factorial_large(x[large], theta[large]))
+            xl, tl = x[large], theta[large]
+            rising = rising.index_put(large, xl * torch.log(tl) + _stirling_rising_excess(xl, tl))
     # x * log(mu) needs care only where mu is exactly 0 (see _x_log_mu); that is rare.
     x_log_mu = _x_log_mu(x, mu) if bool((mu == 0).any()) else x * torch.log(mu)
     return rising - torch.lgamma(x + 1.0) + x_log_mu - x * torch.log(theta + mu)
@@ -168,10 +171,7 @@ def _log_nb_nonzero_terms(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor
     # x * log(theta) it produces cancels the one hidden in x * log(theta + mu).
     theta_large = theta.clamp(min=THETA_SWITCH)
     large = (
-        (theta_large + x - 0.5) * torch.log1p(x / theta_large)
-        - x
-        + _stirling_remainder(theta_large + x)
-        - _stirling_remainder(theta_large)
+        _stirling_rising_excess(x, theta_large)
         - lgamma_x1
         - x * torch.log1p(mu / theta_large)
         + x_log_mu
