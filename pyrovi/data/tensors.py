@@ -20,6 +20,7 @@ from pyrovi.data.registry import (
     counts_matrix,
     size_factors,
 )
+from pyrovi.data.validation import cell_totals
 
 
 class CountMatrix:
@@ -214,7 +215,6 @@ def build_cell_tensors(
     size_factor = None
     if registry.size_factor_key is not None:
         size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
     return CellTensors(
         counts=CountMatrix(matrix, device),
         batch_index=as_tensor(batch, torch.int64),
@@ -222,5 +222,5 @@ def build_cell_tensors(
         cat_covs=cat_covs,
         cont_covs=cont_covs,
         size_factor=size_factor,
-        informative=totals > 0,
+        informative=cell_totals(matrix) > 0,
     )

@@ -1,7 +1,14 @@
 """Inference (``pyrovi.infer``): the SVI loop, ELBO scaling, devices."""
 
 from pyrovi.infer.devices import resolve_device
-from pyrovi.infer.objective import CellTerms, cell_terms, evaluate_terms, loss_and_terms, make_elbo
+from pyrovi.infer.objective import (
+    CellTerms,
+    cell_terms,
+    evaluate_terms,
+    inference_mode,
+    loss_and_terms,
+    make_elbo,
+)
 from pyrovi.infer.scaling import cell_plate, kl_scale
 from pyrovi.infer.training import (
     EarlyStopping,
@@ -22,6 +29,7 @@ __all__ = [
     "default_max_epochs",
     "evaluate_dataset",
     "evaluate_terms",
+    "inference_mode",
     "kl_scale",
     "kl_weight_schedule",
     "loss_and_terms",

@@ -7,6 +7,7 @@ taken from the same traces, so monitoring costs no extra model evaluation.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import pyro
@@ -105,6 +106,18 @@ def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, Ce
         reconstruction = reconstruction + terms.reconstruction / elbo.num_particles
         kl = kl + terms.kl / elbo.num_particles
     return loss, CellTerms(reconstruction, kl)
+
+
+@contextmanager
+def inference_mode(module):
+    """Evaluate ``module`` deterministically: eval mode, no gradients, no Pyro validation."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            yield
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()

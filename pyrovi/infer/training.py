@@ -25,7 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrovi.data.tensors import CellTensors
-from pyrovi.infer.objective import CellTerms, evaluate_terms, loss_and_terms, make_elbo
+from pyrovi.infer.objective import (
+    CellTerms,
+    evaluate_terms,
+    inference_mode,
+    loss_and_terms,
+    make_elbo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +185,12 @@ def evaluate_dataset(module, data: CellTensors, indices, batch_size: int = 1024)
     CellTerms
         Vectors over the requested cells, on the data's device.
     """
-    was_training = module.training
-    module.eval()
     reconstruction, kl = [], []
-    try:
-        with pyro.validation_enabled(False):
-            for _, batch in data.iter_minibatches(indices, batch_size):
-                terms = evaluate_terms(module.model, module.guide, **batch)
-                reconstruction.append(terms.reconstruction)
-                kl.append(terms.kl)
-    finally:
-        module.train(was_training)
+    with inference_mode(module):
+        for _, batch in data.iter_minibatches(indices, batch_size):
+            terms = evaluate_terms(module.model, module.guide, **batch)
+            reconstruction.append(terms.reconstruction)
+            kl.append(terms.kl)
     return CellTerms(torch.cat(reconstruction), torch.cat(kl))
 
 

@@ -181,20 +181,27 @@ class SCVI(BaseModel):
             codes.append(self.registry.batch_categories.index(str(b)))
         return codes
 
-    def _posterior_generative(self, batch: dict, batch_code: int | None) -> dict:
-        """Likelihood parameters for one posterior draw, optionally in another batch."""
+    def _posterior_generative(self, batch: dict, batch_codes=(None,)) -> list[dict]:
+        """Likelihood parameters for one posterior draw, decoded in each of ``batch_codes``.
+
+        ``None`` keeps each cell's own batch; the draw is shared by all codes.
+        """
         posterior = guide_trace(self.module, batch)
         z = posterior.nodes["z"]["value"]
         if "library" in posterior.nodes:
             log_library = posterior.nodes["library"]["value"]
         else:
             log_library = self.module.observed_log_library(batch["x"], batch["size_factor"])
-        batch_index = batch["batch_index"]
-        if batch_code is not None:
-            batch_index = torch.full_like(batch_index, batch_code)
-        return self.module.generative(
-            z, log_library, batch_index, batch["labels"], batch["cat_covs"], batch["cont_covs"]
-        )
+        outputs = []
+        for code in batch_codes:
+            batch_index = batch["batch_index"]
+            if code is not None:
+                batch_index = torch.full_like(batch_index, code)
+            outputs.append(self.module.generative(
+                z, log_library, batch_index, batch["labels"], batch["cat_covs"],
+                batch["cont_covs"],
+            ))
+        return outputs
 
     def get_normalized_expression(
         self,
@@ -249,8 +256,8 @@ class SCVI(BaseModel):
                 draws = []
                 for _ in range(n_samples):
                     per_batch = [
-                        self._posterior_generative(batch, code)[key].index_select(-1, columns_t)
-                        for code in codes
+                        out[key].index_select(-1, columns_t)
+                        for out in self._posterior_generative(batch, codes)
                     ]
                     draws.append(torch.stack(per_batch).mean(0) * scale)
                 chunks.append(torch.stack(draws))
@@ -288,7 +295,7 @@ class SCVI(BaseModel):
         chunks: dict[str, list] = {k: [] for k in names}
         with inference_mode(self.module):
             for _, batch in data.iter_minibatches(None, batch_size or 1024):
-                draws = [self._posterior_generative(batch, None) for _ in range(n_samples)]
+                draws = [self._posterior_generative(batch)[0] for _ in range(n_samples)]
                 for out_name, key in names.items():
                     if draws[0][key] is None:
                         continue

@@ -8,27 +8,14 @@ arguments of :meth:`pyrovi.data.CellTensors.minibatch`, with per-cell sites insi
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 
 from pyrovi.data.tensors import CellTensors
+from pyrovi.infer.objective import inference_mode
 from pyrovi.nn.encoder import identity
-
-
-@contextmanager
-def inference_mode(module):
-    """Evaluate ``module`` deterministically: eval mode, no gradients, no Pyro validation."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), pyro.validation_enabled(False):
-            yield
-    finally:
-        module.train(was_training)
 
 
 def guide_trace(module, batch: dict) -> poutine.Trace:
