@@ -26,6 +26,7 @@ from pyrovi.data import (
     get_registry,
     register_new_data,
 )
+from pyrovi.data.registry import counts_matrix
 from pyrovi.infer import (
     TrainingPlan,
     default_max_epochs,
@@ -34,7 +35,12 @@ from pyrovi.infer import (
     split_indices,
     train_svi,
 )
-from pyrovi.posterior import latent_representation, marginal_log_likelihood, posterior_predictive
+from pyrovi.posterior import (
+    differential_expression,
+    latent_representation,
+    marginal_log_likelihood,
+    posterior_predictive,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +286,149 @@ class BaseModel(ABC):
             site=self.observed_site, columns=columns,
         )
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
+
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """Registry codes of batch names (``[None]``: each cell's own batch)."""
+        if transform_batch is None:
+            return [None]
+        batches = (
+            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        )
+        codes = []
+        for b in batches:
+            if str(b) not in self.registry.batch_categories:
+                raise KeyError(
+                    f"transform_batch={b!r} is not a batch of the model "
+                    f"(batches: {self.registry.batch_categories})."
+                )
+            codes.append(self.registry.batch_categories.index(str(b)))
+        return codes
+
+    # -- differential expression ----------------------------------------------------------
+
+    def _normalized_expression_sampler(self, data: CellTensors, batch_size: int):
+        """``sample(cell_positions, batch_code) -> (n, n_features)`` draws of normalized
+        expression, one posterior draw per position (models with an expression decoder
+        override this)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no normalized expression, so it offers no "
+            "differential_expression."
+        )
+
+    def differential_expression(
+        self,
+        adata=None,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1=None,
+        idx2=None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        n_samples: int = 5000,
+        use_permutation: bool = False,
+        m_permutation: int = 10000,
+        pseudocounts: float | None = None,
+        test_mode: str = "three",
+        seed: int | None = None,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells (scvi-tools' interface).
+
+        Each group is represented by ``n_samples`` draws of normalized expression, taken from
+        cells picked at random in the group (one posterior draw each). ``mode="vanilla"``
+        (Lopez et al. 2018) reports ``proba_m1 = P(rho_1 > rho_2)``; ``mode="change"``
+        (Boyeau et al. 2019) reports ``proba_de``, the posterior probability that the log2
+        fold change lies outside ``[-delta, delta]``, with LFC summaries and an FDR call.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the training data).
+        groupby
+            ``adata.obs`` column defining the groups.
+        group1
+            Group(s) to test; default: every group of ``groupby``, each against the rest.
+        group2
+            Reference group; default: all cells not in the tested group (``"Rest"``).
+        idx1, idx2
+            Instead of ``groupby``: the cells of each group, as a boolean mask, positions,
+            obs names or an ``adata.obs.query`` string (``idx2`` default: the rest).
+        mode
+            ``"vanilla"`` or ``"change"``.
+        delta
+            LFC threshold of the change mode (``None``: estimated from the data).
+        batch_size
+            Cells per forward pass.
+        all_stats
+            Add the raw count summaries ``raw_mean1/2``, ``non_zeros_proportion1/2`` and
+            ``raw_normalized_mean1/2``.
+        batch_correction
+            Decode every sampled cell in each batch (``batchid1``/``batchid2``, default all)
+            and compare draws decoded in the same batch; otherwise cells keep their own batch.
+        batchid1, batchid2
+            Batches to decode group 1 / group 2 in (with ``batch_correction=True``).
+        fdr_target
+            Target posterior expected FDR of the ``is_de_fdr_<fdr_target>`` column (change).
+        silent
+            Hide the progress bar.
+        n_samples
+            Draws of normalized expression per group (scvi-tools' ``n_samples_overall``).
+        use_permutation, m_permutation
+            Compare ``m_permutation`` random pairs of draws instead of the draws in order.
+        pseudocounts
+            Offset added to both groups before the log (change mode); ``None`` estimates it
+            from genes without counts in a group, as scvi-tools does.
+        test_mode
+            ``"three"`` (``proba_de = max(P(lfc ≥ δ), P(lfc < -δ))``) or ``"two"`` (their sum).
+        seed
+            Seed for the choice of cells and pairs (posterior draws follow torch's seed).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by gene, sorted by ``proba_de`` (change) or ``bayes_factor`` (vanilla);
+            with ``groupby``, one block per comparison with ``comparison`` (``"A vs Rest"``),
+            ``group1`` and ``group2`` columns. Vanilla columns: ``proba_m1``, ``proba_m2``,
+            ``bayes_factor``, ``scale1``, ``scale2``; change columns: ``proba_de``,
+            ``proba_not_de``, ``bayes_factor``, ``scale1``, ``scale2``, ``pseudocounts``,
+            ``delta``, ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
+            ``is_de_fdr_<fdr_target>``.
+
+        Examples
+        --------
+        >>> de = model.differential_expression(groupby="bulk_labels", mode="change")
+        >>> de[de["is_de_fdr_0.05"] & (de["group1"] == "CD14+ Monocyte")].head()
+        """
+        adata, registry = self._validate_anndata(adata)
+        if not batch_correction and (batchid1 is not None or batchid2 is not None):
+            raise ValueError("batchid1/batchid2 choose the batches used for batch correction; "
+                             "pass batch_correction=True with them.")
+
+        def codes(batchid):
+            if not batch_correction:
+                return [None]
+            return self._batch_codes(list(registry.batch_categories if batchid is None
+                                          else batchid))
+
+        data = build_cell_tensors(adata, registry, self.device)
+        return differential_expression(
+            self._normalized_expression_sampler(data, batch_size or 1024),
+            counts_matrix(adata, registry.layer),
+            adata.obs,
+            list(map(str, self.var_names)),
+            groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2,
+            mode=mode, delta=delta, batch_codes1=codes(batchid1), batch_codes2=codes(batchid2),
+            fdr_target=fdr_target, n_samples=n_samples, use_permutation=use_permutation,
+            m_permutation=m_permutation, pseudocounts=pseudocounts, test_mode=test_mode,
+            all_stats=all_stats, seed=seed, silent=silent,
+        )
 
     def _gene_positions(self, gene_list: Sequence[str]) -> np.ndarray:
         positions = self.var_names.get_indexer(list(gene_list))

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pyrovi.data import AnnDataRegistry, cell_totals, setup_anndata
+from pyrovi.data import AnnDataRegistry, CellTensors, cell_totals, setup_anndata
 from pyrovi.data.registry import category_codes, counts_matrix
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi_module import SCVIModule
@@ -165,22 +165,6 @@ class SCVI(BaseModel):
 
     # -- scVI-specific outputs ------------------------------------------------------------
 
-    def _batch_codes(self, transform_batch) -> list[int | None]:
-        if transform_batch is None:
-            return [None]
-        batches = (
-            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
-        )
-        codes = []
-        for b in batches:
-            if str(b) not in self.registry.batch_categories:
-                raise KeyError(
-                    f"transform_batch={b!r} is not a batch of the model "
-                    f"(batches: {self.registry.batch_categories})."
-                )
-            codes.append(self.registry.batch_categories.index(str(b)))
-        return codes
-
     def _posterior_generative(self, batch: dict, batch_codes=(None,)) -> list[dict]:
         """Likelihood parameters for one posterior draw, decoded in each of ``batch_codes``.
 
@@ -202,6 +186,44 @@ class SCVI(BaseModel):
                 batch["cont_covs"],
             ))
         return outputs
+
+    def _decoded_draws(
+        self,
+        data: CellTensors,
+        positions: np.ndarray | None,
+        codes: Sequence[int | None],
+        columns: np.ndarray,
+        key: str,
+        n_samples: int,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """``(n_samples, n_cells, len(columns))`` draws of ``rho`` or ``mu``.
+
+        Each draw of z is decoded in every batch of ``codes`` and averaged over them.
+        """
+        columns_t = torch.as_tensor(columns, device=self.device)
+        chunks = []
+        with inference_mode(self.module):
+            for _, batch in data.iter_minibatches(positions, batch_size):
+                draws = []
+                for _ in range(n_samples):
+                    per_batch = [
+                        out[key].index_select(-1, columns_t)
+                        for out in self._posterior_generative(batch, codes)
+                    ]
+                    draws.append(torch.stack(per_batch).mean(0))
+                chunks.append(torch.stack(draws))
+        return torch.cat(chunks, dim=1)
+
+    def _normalized_expression_sampler(self, data: CellTensors, batch_size: int):
+        """Draws of ``rho`` for differential expression (see ``BaseModel``)."""
+        columns = np.arange(self.registry.n_vars)
+
+        def sample(positions: np.ndarray, code: int | None) -> np.ndarray:
+            draws = self._decoded_draws(data, positions, [code], columns, "rho", 1, batch_size)
+            return draws[0].cpu().numpy()
+
+        return sample
 
     def get_normalized_expression(
         self,
@@ -246,22 +268,13 @@ class SCVI(BaseModel):
         columns = np.arange(self.registry.n_vars)
         if gene_list is not None:
             columns = self._gene_positions(gene_list)
-        columns_t = torch.as_tensor(columns, device=self.device)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
-        codes = self._batch_codes(transform_batch)
-        chunks = []
-        with inference_mode(self.module):
-            for _, batch in data.iter_minibatches(None, batch_size or 1024):
-                draws = []
-                for _ in range(n_samples):
-                    per_batch = [
-                        out[key].index_select(-1, columns_t)
-                        for out in self._posterior_generative(batch, codes)
-                    ]
-                    draws.append(torch.stack(per_batch).mean(0) * scale)
-                chunks.append(torch.stack(draws))
-        values = torch.cat(chunks, dim=1).cpu().numpy()
+        values = self._decoded_draws(
+            data, None, self._batch_codes(transform_batch), columns, key, n_samples,
+            batch_size or 1024,
+        )
+        values = (values * scale).cpu().numpy()
         if return_mean or n_samples == 1:
             values = values.mean(0)
             if return_numpy:

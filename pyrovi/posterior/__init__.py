@@ -8,8 +8,22 @@ from pyrovi.posterior.core import (
     model_trace,
     posterior_predictive,
 )
+from pyrovi.posterior.differential import (
+    bayes_factors,
+    differential_expression,
+    estimate_delta,
+    estimate_pseudocounts,
+    fdr_de_prediction,
+    raw_counts_properties,
+)
 
 __all__ = [
+    "bayes_factors",
+    "differential_expression",
+    "estimate_delta",
+    "estimate_pseudocounts",
+    "fdr_de_prediction",
+    "raw_counts_properties",
     "guide_trace",
     "inference_mode",
     "latent_representation",
