@@ -11,7 +11,17 @@ import logging
 
 __version__ = "0.1.0"
 
-from pyrovi import data, datasets, distributions, infer, models, nn, posterior, priors  # noqa: E402
+from pyrovi import (  # noqa: E402
+    data,
+    datasets,
+    distributions,
+    infer,
+    models,
+    nn,
+    posterior,
+    pp,
+    priors,
+)
 from pyrovi.models import LDVAE, SCVI  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -27,5 +37,6 @@ __all__ = [
     "models",
     "nn",
     "posterior",
+    "pp",
     "priors",
 ]
