@@ -11,6 +11,7 @@ from pyrovi.data import AnnDataRegistry
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI
 from pyrovi.nn import LinearExpressionDecoder
+from pyrovi.posterior.loadings import varimax
 
 
 class LDVAE(SCVI):
@@ -88,15 +89,38 @@ class LDVAE(SCVI):
             adata, registry, decoder=decoder, use_batch_norm="encoder", **params
         )
 
-    def get_loadings(self) -> pd.DataFrame:
+    def get_loadings(self, rotation: str | None = None) -> pd.DataFrame:
         """Gene loadings of each latent dimension.
+
+        Parameters
+        ----------
+        rotation
+            ``None`` (the decoder's own axes, as scvi-tools) or ``"varimax"``. The prior and
+            the likelihood are unchanged by a rotation of the latent space, so the axes of
+            the raw loadings are arbitrary; varimax turns them into one gene program per
+            factor where the data have distinct programs.
 
         Returns
         -------
         pandas.DataFrame
             Genes × latent (``Z_0 .. Z_{k-1}``), the linear decoder's weights scaled by its
-            batch norm (``gamma / sigma``) when batch norm is used, as in scvi-tools.
+            batch norm (``gamma / sigma``) when batch norm is used, as in scvi-tools. With a
+            rotation, the orthogonal matrix ``R`` is in ``.attrs["rotation"]``: the matching
+            latent coordinates are ``model.get_latent_representation() @ R``.
+
+        Examples
+        --------
+        >>> programs = model.get_loadings(rotation="varimax")  # doctest: +SKIP
+        >>> programs["Z_0"].abs().sort_values().tail(10)  # doctest: +SKIP
         """
+        if rotation not in (None, "varimax"):
+            raise ValueError(f"rotation must be None or 'varimax', got {rotation!r}.")
         weights = self.module.decoder.loadings().cpu().numpy()
+        matrix = None
+        if rotation == "varimax":
+            weights, matrix = varimax(weights)
         columns = [f"Z_{i}" for i in range(weights.shape[1])]
-        return pd.DataFrame(weights, index=self.var_names, columns=columns)
+        loadings = pd.DataFrame(weights, index=self.var_names, columns=columns)
+        if matrix is not None:
+            loadings.attrs["rotation"] = matrix
+        return loadings

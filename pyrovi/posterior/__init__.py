@@ -16,6 +16,7 @@ from pyrovi.posterior.differential import (
     fdr_de_prediction,
     raw_counts_properties,
 )
+from pyrovi.posterior.loadings import varimax
 
 __all__ = [
     "bayes_factors",
@@ -30,4 +31,5 @@ __all__ = [
     "marginal_log_likelihood",
     "model_trace",
     "posterior_predictive",
+    "varimax",
 ]
