@@ -10,9 +10,9 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def quick_start_code() -> str:
-    text = README.read_text()
-    section = text.split("## Quick start", 1)[1]
+def section_code(heading: str) -> str:
+    """The first python block after ``heading`` in the README."""
+    section = README.read_text().split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -20,9 +20,23 @@ def test_readme_quick_start_runs_and_writes_the_latent_space(tmp_path, monkeypat
     pytest.importorskip("scanpy")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(quick_start_code(), str(README), "exec"), namespace)
+    exec(compile(section_code("## Quick start"), str(README), "exec"), namespace)
     adata, model = namespace["adata"], namespace["model"]
     assert adata.obsm["X_scVI"].shape == (700, 10)
     assert adata.layers["scvi_normalized"].shape == (700, 765)
     assert (tmp_path / "pbmc_scvi" / "model.pt").exists()
     assert model.history["elbo_validation"].iloc[-1] < model.history["elbo_validation"].iloc[0]
+
+
+def test_readme_scanpy_one_call_runs_and_writes_its_outputs(tmp_path, monkeypatch):
+    pytest.importorskip("scanpy")
+    pytest.importorskip("skmisc", reason="seurat_v3 gene selection needs scikit-misc")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(section_code("## Fastest path for scanpy users"), str(README), "exec"),
+         namespace)
+    adata, model, de = namespace["adata"], namespace["model"], namespace["de"]
+    assert adata.obsm["X_scvi"].shape == (700, 10)
+    assert adata.obsm["X_scvi_denoised"].shape == (700, 400)
+    assert "X_umap" in adata.obsm and model.is_trained
+    assert de["group1"].nunique() == adata.obs["bulk_labels"].nunique()
