@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from pyrovi._gaussian_mixture import fit_gaussian_mixture_1d
 from pyrovi.data.validation import cell_totals
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_delta: float = 
                    n_iter: int = 200) -> float:
     """Data-driven LFC threshold from the spread of mean log fold changes across genes.
 
-    Fits a three-component Gaussian mixture (down, null, up) to the per-gene mean LFCs by
-    EM and returns ``coef`` times the mean absolute location of the outer components, at
+    Fits a three-component Gaussian mixture (down, null, up) to the per-gene mean LFCs and
+    returns ``coef`` times the mean absolute location of the outer components, at
     least ``min_delta`` (the rule of scvi-tools' ``delta=None``).
 
     Parameters
@@ -178,21 +179,8 @@ def estimate_delta(lfc_means: np.ndarray, coef: float = 0.6, min_delta: float = 
     x = np.asarray(lfc_means, dtype=np.float64).ravel()
     if x.size < 3 or np.ptp(x) == 0:
         return float(min_delta)
-    means = np.quantile(x, [0.1, 0.5, 0.9])
-    variances = np.full(3, x.var() / 3 + 1e-6)
-    weights = np.full(3, 1 / 3)
-    for _ in range(n_iter):
-        log_r = (np.log(weights) - 0.5 * np.log(2 * np.pi * variances)
-                 - 0.5 * (x[:, None] - means) ** 2 / variances)
-        log_r -= log_r.max(1, keepdims=True)
-        r = np.exp(log_r)
-        r /= r.sum(1, keepdims=True)
-        mass = r.sum(0) + 1e-12
-        weights = mass / x.size
-        means = (r * x[:, None]).sum(0) / mass
-        variances = (r * (x[:, None] - means) ** 2).sum(0) / mass + 1e-6
-    outer = np.sort(means)[[0, -1]]
-    return float(max(min_delta, coef * np.abs(outer).mean()))
+    means = fit_gaussian_mixture_1d(x, 3, n_iter=n_iter).means
+    return float(max(min_delta, coef * np.abs(means[[0, -1]]).mean()))
 
 
 def fdr_de_prediction(proba_de: np.ndarray | pd.Series, fdr: float = 0.05) -> np.ndarray:
