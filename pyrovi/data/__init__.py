@@ -1,5 +1,6 @@
 """AnnData registration, validation and device tensors (``pyrovi.data``)."""
 
+from pyrovi.data.proteins import check_protein_names, protein_matrix, read_protein_field
 from pyrovi.data.registry import (
     REGISTRY_UNS_KEY,
     AnnDataRegistry,
@@ -21,8 +22,11 @@ __all__ = [
     "SetupError",
     "build_cell_tensors",
     "cell_totals",
+    "check_protein_names",
     "check_var_names",
     "get_registry",
+    "protein_matrix",
+    "read_protein_field",
     "register_new_data",
     "setup_anndata",
     "validate_counts",

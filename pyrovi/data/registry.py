@@ -55,6 +55,15 @@ class AnnDataRegistry:
         The validation options chosen at setup.
     n_cells, n_vars
         Shape of the registered data.
+    protein_expression_obsm_key
+        ``obsm`` key of the protein counts (multi-modal models), or ``None``.
+    protein_names
+        Protein names, in column order.
+    protein_batch_mask
+        ``n_batch`` rows of ``n_proteins`` flags: ``False`` where a protein was not measured
+        in a batch (all zero there).
+    mudata_modalities
+        For data set up from a MuData: which modality (and layer) each field came from.
     """
 
     model_name: str
@@ -71,6 +80,10 @@ class AnnDataRegistry:
     drop_empty_cells: bool = False
     n_cells: int = 0
     n_vars: int = 0
+    protein_expression_obsm_key: str | None = None
+    protein_names: list[str] = field(default_factory=list)
+    protein_batch_mask: list[list[bool]] = field(default_factory=list)
+    mudata_modalities: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_batch(self) -> int:
@@ -88,13 +101,18 @@ class AnnDataRegistry:
         return [len(self.covariate_categories[k]) for k in self.categorical_covariate_keys]
 
     @property
+    def n_proteins(self) -> int:
+        """Number of registered proteins (0 without a protein field)."""
+        return len(self.protein_names)
+
+    @property
     def n_continuous_covariates(self) -> int:
         """Number of continuous covariates."""
         return len(self.continuous_covariate_keys)
 
     def summary(self) -> dict[str, int]:
         """Summary statistics as scvi-tools reports them."""
-        return {
+        summary = {
             "n_cells": self.n_cells,
             "n_vars": self.n_vars,
             "n_batch": self.n_batch,
@@ -102,6 +120,9 @@ class AnnDataRegistry:
             "n_extra_categorical_covs": len(self.categorical_covariate_keys),
             "n_extra_continuous_covs": self.n_continuous_covariates,
         }
+        if self.protein_expression_obsm_key is not None:
+            summary["n_proteins"] = self.n_proteins
+        return summary
 
     def to_dict(self) -> dict:
         """Plain-Python form, JSON- and h5ad-safe (``None`` entries are left out)."""
@@ -123,6 +144,16 @@ class AnnDataRegistry:
         if "covariate_categories" in kwargs:
             kwargs["covariate_categories"] = {
                 str(k): strings(v) for k, v in dict(kwargs["covariate_categories"]).items()
+            }
+        if "protein_names" in kwargs:
+            kwargs["protein_names"] = strings(kwargs["protein_names"])
+        if "protein_batch_mask" in kwargs:
+            kwargs["protein_batch_mask"] = [
+                [bool(v) for v in np.asarray(row).ravel()] for row in kwargs["protein_batch_mask"]
+            ]
+        if "mudata_modalities" in kwargs:
+            kwargs["mudata_modalities"] = {
+                str(k): str(v) for k, v in dict(kwargs["mudata_modalities"]).items()
             }
         for key in ("allow_non_integer", "drop_empty_cells"):
             if key in kwargs:
@@ -419,6 +450,10 @@ def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str
             adata, key, reference.covariate_categories[key], "categorical_covariate_keys"
         )
     continuous_values(adata, reference.continuous_covariate_keys, "continuous_covariate_keys")
+    if reference.protein_expression_obsm_key is not None:
+        from pyrovi.data.proteins import check_protein_names  # proteins imports this module
+
+        check_protein_names(reference, adata)
     registry = AnnDataRegistry.from_dict({**reference.to_dict(), "n_cells": adata.n_obs})
     adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
     return registry

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pyrovi.data.proteins import protein_matrix
 from pyrovi.data.registry import (
     AnnDataRegistry,
     category_codes,
@@ -109,6 +110,8 @@ class CellTensors:
         float32 positive size factors, shape ``(n_cells,)``, or ``None``.
     informative
         Boolean mask of cells with at least one count, shape ``(n_cells,)`` (numpy).
+    protein
+        Protein counts (multi-modal data), or ``None``.
     """
 
     counts: CountMatrix
@@ -118,6 +121,7 @@ class CellTensors:
     cont_covs: torch.Tensor | None
     size_factor: torch.Tensor | None
     informative: np.ndarray
+    protein: CountMatrix | None = None
 
     @property
     def n_obs(self) -> int:
@@ -135,13 +139,14 @@ class CellTensors:
         Returns
         -------
         dict
-            ``x``, ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor``.
+            ``x``, ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor``,
+            and ``y`` (protein counts) for multi-modal data.
         """
 
         def rows(t):
             return None if t is None else t.index_select(0, index)
 
-        return {
+        batch = {
             "x": self.counts.gather(index),
             "batch_index": rows(self.batch_index),
             "labels": rows(self.labels),
@@ -149,6 +154,9 @@ class CellTensors:
             "cont_covs": rows(self.cont_covs),
             "size_factor": rows(self.size_factor),
         }
+        if self.protein is not None:
+            batch["y"] = self.protein.gather(index)
+        return batch
 
     def iter_minibatches(self, indices=None, batch_size: int = 1024):
         """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
@@ -215,7 +223,11 @@ def build_cell_tensors(
     size_factor = None
     if registry.size_factor_key is not None:
         size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
+    protein = None
+    if registry.protein_expression_obsm_key is not None:
+        protein = CountMatrix(protein_matrix(adata, registry.protein_expression_obsm_key), device)
     return CellTensors(
+        protein=protein,
         counts=CountMatrix(matrix, device),
         batch_index=as_tensor(batch, torch.int64),
         labels=as_tensor(labels, torch.int64),
