@@ -171,56 +171,69 @@ class SCVI(BaseModel):
         ``None`` keeps each cell's own batch; the draw is shared by all codes.
         """
         posterior = guide_trace(self.module, batch)
-        z = posterior.nodes["z"]["value"]
-        if "library" in posterior.nodes:
-            log_library = posterior.nodes["library"]["value"]
-        else:
-            log_library = self.module.observed_log_library(batch["x"], batch["size_factor"])
         outputs = []
         for code in batch_codes:
             batch_index = batch["batch_index"]
             if code is not None:
                 batch_index = torch.full_like(batch_index, code)
             outputs.append(self.module.generative(
-                z, log_library, batch_index, batch["labels"], batch["cat_covs"],
-                batch["cont_covs"],
-            ))
+                **self._generative_inputs(posterior, batch, batch_index, code)))
         return outputs
+
+    def _generative_inputs(self, posterior, batch: dict, batch_index, code) -> dict:
+        """Arguments of ``module.generative`` for a posterior draw decoded in ``batch_index``."""
+        if "library" in posterior.nodes:
+            log_library = posterior.nodes["library"]["value"]
+        else:
+            log_library = self.module.observed_log_library(batch["x"], batch["size_factor"])
+        return {
+            "z": posterior.nodes["z"]["value"],
+            "log_library": log_library,
+            "batch_index": batch_index,
+            "labels": batch["labels"],
+            "cat_covs": batch["cat_covs"],
+            "cont_covs": batch["cont_covs"],
+        }
 
     def _decoded_draws(
         self,
         data: CellTensors,
         positions: np.ndarray | None,
         codes: Sequence[int | None],
-        columns: np.ndarray,
-        key: str,
+        extractors: Sequence[Callable[[dict], torch.Tensor]],
         n_samples: int,
         batch_size: int,
-    ) -> torch.Tensor:
-        """``(n_samples, n_cells, len(columns))`` draws of ``rho`` or ``mu``.
+    ) -> list[torch.Tensor]:
+        """Draws of decoded quantities, one ``(n_samples, n_cells, ...)`` tensor per extractor.
 
-        Each draw of z is decoded in every batch of ``codes`` and averaged over them.
+        Each extractor maps the generative parameters of a minibatch to a cells × columns
+        tensor. Every draw of the latents is decoded in each batch of ``codes``, and the
+        extracted values are averaged over the codes; all extractors see the same draws.
         """
-        columns_t = torch.as_tensor(columns, device=self.device)
-        chunks = []
+        chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
         with inference_mode(self.module):
             for _, batch in data.iter_minibatches(positions, batch_size):
-                draws = []
+                draws: list[list[torch.Tensor]] = [[] for _ in extractors]
                 for _ in range(n_samples):
-                    per_batch = [
-                        out[key].index_select(-1, columns_t)
-                        for out in self._posterior_generative(batch, codes)
-                    ]
-                    draws.append(torch.stack(per_batch).mean(0))
-                chunks.append(torch.stack(draws))
-        return torch.cat(chunks, dim=1)
+                    decoded = self._posterior_generative(batch, codes)
+                    for i, extract in enumerate(extractors):
+                        draws[i].append(torch.stack([extract(out) for out in decoded]).mean(0))
+                for i in range(len(extractors)):
+                    chunks[i].append(torch.stack(draws[i]))
+        return [torch.cat(parts, dim=1) for parts in chunks]
+
+    def _column_extractor(self, key: str, columns: np.ndarray):
+        columns_t = torch.as_tensor(columns, device=self.device)
+        return lambda params: params[key].index_select(-1, columns_t)
 
     def _normalized_expression_sampler(self, data: CellTensors, batch_size: int):
         """Draws of ``rho`` for differential expression (see ``BaseModel``)."""
         columns = np.arange(self.registry.n_vars)
 
+        extract_rho = self._column_extractor("rho", columns)
+
         def sample(positions: np.ndarray, code: int | None) -> np.ndarray:
-            draws = self._decoded_draws(data, positions, [code], columns, "rho", 1, batch_size)
+            [draws] = self._decoded_draws(data, positions, [code], [extract_rho], 1, batch_size)
             return draws[0].cpu().numpy()
 
         return sample
@@ -270,9 +283,9 @@ class SCVI(BaseModel):
             columns = self._gene_positions(gene_list)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
-        values = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch), columns, key, n_samples,
-            batch_size or 1024,
+        [values] = self._decoded_draws(
+            data, None, self._batch_codes(transform_batch), [self._column_extractor(key, columns)],
+            n_samples, batch_size or 1024,
         )
         values = (values * scale).cpu().numpy()
         if return_mean or n_samples == 1:

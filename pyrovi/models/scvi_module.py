@@ -100,6 +100,11 @@ class SCVIModule(nn.Module):
     decoder
         Replace the decoder (e.g. a linear one for LDVAE); must return
         :class:`~pyrovi.nn.ExpressionParams`.
+    n_encoder_input
+        Width of the encoder input (default ``n_input``); multi-modal models append their
+        other modalities to the genes.
+    n_layers_encoder, n_layers_decoder
+        Hidden layers of each network (default ``n_layers`` for both).
     """
 
     def __init__(
@@ -126,6 +131,9 @@ class SCVIModule(nn.Module):
         use_size_factor: bool = False,
         prior: str | nn.Module = "normal",
         decoder: nn.Module | None = None,
+        n_encoder_input: int | None = None,
+        n_layers_encoder: int | None = None,
+        n_layers_decoder: int | None = None,
     ):
         super().__init__()
         for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
@@ -146,12 +154,12 @@ class SCVIModule(nn.Module):
 
         cat_list = [n_batch, *n_cats_per_cov]
         self.encoder = AmortizedEncoder(
-            n_input,
+            n_encoder_input or n_input,
             n_latent,
             n_cat_list=cat_list if encode_covariates else (),
             n_cont=n_continuous_cov if encode_covariates else 0,
             latent_library=not use_observed_lib_size,
-            n_layers=n_layers,
+            n_layers=n_layers_encoder or n_layers,
             n_hidden=n_hidden,
             dropout_rate=dropout_rate,
             use_batch_norm=use_batch_norm in ("encoder", "both"),
@@ -164,7 +172,7 @@ class SCVIModule(nn.Module):
             n_input,
             n_cat_list=cat_list,
             n_cont=n_continuous_cov,
-            n_layers=n_layers,
+            n_layers=n_layers_decoder or n_layers,
             n_hidden=n_hidden,
             use_batch_norm=use_batch_norm in ("decoder", "both"),
             use_layer_norm=use_layer_norm in ("decoder", "both"),
