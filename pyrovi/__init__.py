@@ -22,13 +22,14 @@ from pyrovi import (  # noqa: E402
     pp,
     priors,
 )
-from pyrovi.models import LDVAE, SCVI  # noqa: E402
+from pyrovi.models import LDVAE, SCVI, TOTALVI  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "LDVAE",
     "SCVI",
+    "TOTALVI",
     "__version__",
     "data",
     "datasets",

@@ -8,17 +8,22 @@ between them by name:
 - :class:`ZeroInflatedNegativeBinomial` ``(mu, theta, zi_logits)``: the same with extra
   zeros of probability ``sigmoid(zi_logits)``.
 - :class:`Poisson` ``(mu)``.
+- :class:`NegativeBinomialMixture` ``(mu1, mu2, theta1, mixture_logits, theta2=None)``: a
+  two-component negative binomial mixture, totalVI's protein background/foreground
+  likelihood, with weight ``sigmoid(mixture_logits)`` on component 1.
 
 :func:`log_nb_positive` is the numerically stable negative binomial log-density they use.
 """
 
 from pyrovi.distributions._functional import log_nb_positive
+from pyrovi.distributions.nb_mixture import NegativeBinomialMixture
 from pyrovi.distributions.negative_binomial import NegativeBinomial
 from pyrovi.distributions.poisson import Poisson
 from pyrovi.distributions.zero_inflated import ZeroInflatedNegativeBinomial
 
 __all__ = [
     "NegativeBinomial",
+    "NegativeBinomialMixture",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
     "log_nb_positive",

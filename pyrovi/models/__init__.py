@@ -4,6 +4,8 @@ from pyrovi.models.base import BaseModel
 from pyrovi.models.ldvae import LDVAE
 from pyrovi.models.scvi import SCVI, library_size_priors
 from pyrovi.models.scvi_module import GENE_LIKELIHOODS, SCVIModule, count_likelihood
+from pyrovi.models.totalvi import TOTALVI
+from pyrovi.models.totalvi_module import TOTALVIModule
 
 __all__ = [
     "GENE_LIKELIHOODS",
@@ -11,6 +13,8 @@ __all__ = [
     "SCVI",
     "BaseModel",
     "SCVIModule",
+    "TOTALVI",
+    "TOTALVIModule",
     "count_likelihood",
     "library_size_priors",
 ]

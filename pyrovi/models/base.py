@@ -100,10 +100,16 @@ class BaseModel(ABC):
         """Feature names the model was built on."""
         return self.adata.var_names
 
+    @classmethod
+    def _as_anndata(cls, data):
+        """The AnnData the model reads from ``data`` (multi-modal models flatten MuData)."""
+        return data
+
     def _validate_anndata(self, adata=None):
         """Return ``adata`` (default: the model's) registered with the model's registry."""
         if adata is None or adata is self.adata:
             return self.adata, self.registry
+        adata = self._as_anndata(adata)
         return adata, register_new_data(self.registry, adata, self.var_names)
 
     def _cell_tensors(self, adata=None, indices=None) -> tuple[CellTensors, np.ndarray, object]:
@@ -338,6 +344,7 @@ class BaseModel(ABC):
         pseudocounts: float | None = None,
         test_mode: str = "three",
         seed: int | None = None,
+        **sampler_kwargs,
     ) -> pd.DataFrame:
         """Bayesian differential expression between groups of cells (scvi-tools' interface).
 
@@ -389,6 +396,10 @@ class BaseModel(ABC):
             ``"three"`` (``proba_de = max(P(lfc ≥ δ), P(lfc < -δ))``) or ``"two"`` (their sum).
         seed
             Seed for the choice of cells and pairs (posterior draws follow torch's seed).
+        **sampler_kwargs
+            Model-specific options of the expression samples (TotalVI:
+            ``protein_prior_count``, ``scale_protein``, ``sample_protein_mixing``,
+            ``include_protein_background``).
 
         Returns
         -------
@@ -418,17 +429,22 @@ class BaseModel(ABC):
                                           else batchid))
 
         data = build_cell_tensors(adata, registry, self.device)
+        counts, feature_names = self._de_features(adata, registry)
         return differential_expression(
-            self._normalized_expression_sampler(data, batch_size or 1024),
-            counts_matrix(adata, registry.layer),
+            self._normalized_expression_sampler(data, batch_size or 1024, **sampler_kwargs),
+            counts,
             adata.obs,
-            list(map(str, self.var_names)),
+            feature_names,
             groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2,
             mode=mode, delta=delta, batch_codes1=codes(batchid1), batch_codes2=codes(batchid2),
             fdr_target=fdr_target, n_samples=n_samples, use_permutation=use_permutation,
             m_permutation=m_permutation, pseudocounts=pseudocounts, test_mode=test_mode,
             all_stats=all_stats, seed=seed, silent=silent,
         )
+
+    def _de_features(self, adata, registry: AnnDataRegistry):
+        """Observed counts and names of the features differential expression reports."""
+        return counts_matrix(adata, registry.layer), list(map(str, self.var_names))
 
     def _gene_positions(self, gene_list: Sequence[str]) -> np.ndarray:
         positions = self.var_names.get_indexer(list(gene_list))
@@ -571,6 +587,7 @@ class BaseModel(ABC):
                 )
             adata = anndata.read_h5ad(saved)
         registry = AnnDataRegistry.from_dict(checkpoint["registry"])
+        adata = cls._as_anndata(adata)
         register_new_data(registry, adata, checkpoint["var_names"])
         model = cls(adata, **checkpoint["init_params"])
         model.module.load_state_dict(checkpoint["state_dict"])

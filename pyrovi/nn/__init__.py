@@ -10,6 +10,7 @@ from pyrovi.nn.encoder import (
     latent_transform,
 )
 from pyrovi.nn.fc import CovariateLinear, FCLayers
+from pyrovi.nn.protein import ProteinDecoder, ProteinParams
 
 __all__ = [
     "DISPERSIONS",
@@ -23,5 +24,7 @@ __all__ = [
     "FCLayers",
     "GaussianEncoder",
     "LinearExpressionDecoder",
+    "ProteinDecoder",
+    "ProteinParams",
     "latent_transform",
 ]

@@ -8,6 +8,7 @@ arguments of :meth:`pyrovi.data.CellTensors.minibatch`, with per-cell sites insi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -100,13 +101,16 @@ def posterior_predictive(
     indices=None,
     n_samples: int = 1,
     batch_size: int = 1024,
-    site: str = "x",
+    site: str | Sequence[str] = "x",
     columns=None,
 ) -> np.ndarray:
     """Samples of the observed ``site`` from the posterior predictive distribution.
 
     Parameters
     ----------
+    site
+        Observed site, or several (e.g. ``("x", "y")`` for RNA and protein), whose values
+        from the same draw are concatenated along the feature axis.
     columns
         Optional integer positions of features to keep (limits memory for wide data).
 
@@ -121,7 +125,8 @@ def posterior_predictive(
             draws = []
             for _ in range(n_samples):
                 trace = model_trace(module, batch, guide_trace(module, batch), predictive=True)
-                value = trace.nodes[site]["value"]
+                sites = [site] if isinstance(site, str) else list(site)
+                value = torch.cat([trace.nodes[s]["value"] for s in sites], dim=-1)
                 draws.append(value if columns is None else value[..., columns])
             chunks.append(torch.stack(draws))
     return _as_numpy(chunks, axis=1)

@@ -1,0 +1,244 @@
+"""TotalVI as a Pyro model/guide pair (Gayoso et al. 2021, Nature Methods).
+
+Generative process for cell n in batch s_n, gene g and protein t::
+
+    z_n        ~ p(z)                                     (standard normal by default)
+    log l_n    ~ Normal(mu_{s_n}, sigma²_{s_n})            (or observed: log Σ_g x_ng)
+    rho_n      = softmax(f_x(z_n, s_n))                   (scVI's expression decoder)
+    x_ng       ~ NB / ZINB(mean = l_n · rho_ng, inverse dispersion theta_g)
+    log β_nt   ~ Normal(c_{t s_n}, d_{t s_n})              (protein background, learned prior)
+    α_nt, π_nt = f_y(z_n, s_n)                            (α ≥ 1: foreground scaling;
+                                                          π: logit of the background weight)
+    y_nt       ~ sigmoid(π_nt) · NB(β_nt, φ_t) + sigmoid(−π_nt) · NB(β_nt α_nt, φ_t)
+
+Proteins not measured in a batch are masked out of the likelihood of that batch's cells.
+
+Amortized posterior::
+
+    q(z_n | x_n, y_n)      = Normal(g(log1p x_n ⊕ log1p y_n, s_n))
+    q(log l_n | x_n, y_n)  = Normal(h(log1p x_n ⊕ log1p y_n, s_n))   (latent library only)
+    q(log β_n | z_n)       = Normal(k(z_n, s_n))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyrovi.distributions import NegativeBinomialMixture
+from pyrovi.infer.scaling import cell_plate, kl_scale
+from pyrovi.models.scvi_module import SCVIModule
+from pyrovi.nn import Dispersion, GaussianEncoder, ProteinDecoder
+
+PROTEIN_DISPERSIONS = ("protein", "protein-batch", "protein-label")
+#: Bounds of the background log-rate (rates from ~5e-5 to ~1e6 counts): they keep the
+#: protein likelihood finite when the posterior of a degenerate protein drifts.
+_LOG_BACKGROUND_RANGE = (-10.0, 14.0)
+
+
+class TOTALVIModule(SCVIModule):
+    """The TotalVI generative model and its amortized guide.
+
+    The RNA half is scVI's (same encoder blocks, expression decoder, dispersion and
+    library size handling, inherited from :class:`SCVIModule`); the protein half adds the
+    background/foreground negative-binomial mixture.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_proteins
+        Number of proteins.
+    protein_background_prior_mean, protein_background_prior_scale
+        ``(n_proteins, n_batch)`` initial mean and standard deviation of the prior of the
+        log background rate (learned afterwards, as in the reference implementation).
+    protein_batch_mask
+        ``(n_batch, n_proteins)`` booleans, ``False`` where a protein was not measured in a
+        batch; ``None``: all measured.
+    protein_dispersion
+        ``"protein"``, ``"protein-batch"`` or ``"protein-label"``.
+    gene_dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    n_hidden, n_latent, n_layers_encoder, n_layers_decoder, dropout_rate_encoder
+        Network sizes (scvi-tools' TotalVI defaults 256, 20, 2, 1, 0.2).
+    **kwargs
+        The remaining :class:`SCVIModule` options (batch, labels, covariates, library,
+        likelihood ``"nb"`` or ``"zinb"``, latent distribution, normalisation, prior).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_proteins: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        protein_background_prior_mean: torch.Tensor | None = None,
+        protein_background_prior_scale: torch.Tensor | None = None,
+        protein_batch_mask: torch.Tensor | None = None,
+        protein_dispersion: str = "protein",
+        gene_dispersion: str = "gene",
+        gene_likelihood: str = "nb",
+        n_hidden: int = 256,
+        n_latent: int = 20,
+        n_layers_encoder: int = 2,
+        n_layers_decoder: int = 1,
+        dropout_rate_encoder: float = 0.2,
+        encode_covariates: bool = True,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        **kwargs,
+    ):
+        if gene_likelihood not in ("nb", "zinb"):
+            raise ValueError(
+                f"TotalVI's gene_likelihood is 'nb' or 'zinb', got {gene_likelihood!r}.")
+        if protein_dispersion not in PROTEIN_DISPERSIONS:
+            raise ValueError(
+                f"protein_dispersion must be one of {PROTEIN_DISPERSIONS}, got "
+                f"{protein_dispersion!r}."
+            )
+        super().__init__(
+            n_input,
+            n_batch=n_batch,
+            n_labels=n_labels,
+            n_cats_per_cov=n_cats_per_cov,
+            n_continuous_cov=n_continuous_cov,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            dropout_rate=dropout_rate_encoder,
+            dispersion=gene_dispersion,
+            gene_likelihood=gene_likelihood,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            n_encoder_input=n_input + n_proteins,
+            n_layers_encoder=n_layers_encoder,
+            n_layers_decoder=n_layers_decoder,
+            **kwargs,
+        )
+        self.n_proteins = n_proteins
+        cat_list = [n_batch, *n_cats_per_cov]
+        decoder_norm = dict(
+            use_batch_norm=use_batch_norm in ("decoder", "both"),
+            use_layer_norm=use_layer_norm in ("decoder", "both"),
+            inject_covariates=deeply_inject_covariates,
+        )
+        self.protein_decoder = ProteinDecoder(
+            n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
+            n_layers=n_layers_decoder, n_hidden=n_hidden, **decoder_norm,
+        )
+        # q(log β | z): amortized through z (and the batch), as in the reference model.
+        self.background_encoder = GaussianEncoder(
+            n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
+            n_layers=n_layers_decoder, n_hidden=n_hidden, dropout_rate=0.0, **decoder_norm,
+        )
+        self.protein_dispersion = Dispersion(
+            n_proteins, protein_dispersion, n_batch=n_batch, n_labels=n_labels)
+        if protein_background_prior_mean is None:
+            protein_background_prior_mean = torch.zeros(n_proteins, n_batch)
+        if protein_background_prior_scale is None:
+            protein_background_prior_scale = torch.ones(n_proteins, n_batch)
+        self.background_prior_mean = nn.Parameter(
+            torch.as_tensor(protein_background_prior_mean, dtype=torch.float32).clone())
+        self.background_prior_log_scale = nn.Parameter(
+            torch.as_tensor(protein_background_prior_scale, dtype=torch.float32).log().clone())
+        mask = (torch.ones(n_batch, n_proteins, dtype=torch.bool) if protein_batch_mask is None
+                else torch.as_tensor(protein_batch_mask, dtype=torch.bool))
+        self.register_buffer("protein_batch_mask", mask)
+
+    # -- pieces shared by model, guide and the posterior utilities ------------------------
+
+    def encode(self, x, batch_index, cat_covs=None, cont_covs=None, y=None):
+        """Parameters of q(z, log l | x, y): the shared encoder on log1p RNA ⊕ log1p protein."""
+        features = torch.log1p(torch.cat([x, y], dim=-1))
+        if self.encode_covariates:
+            return self.encoder(features, self.covariates(batch_index, cat_covs), cont_covs)
+        return self.encoder(features)
+
+    def background_posterior(self, z, batch_index, cat_covs=None, cont_covs=None):
+        """``(loc, scale)`` of q(log β | z) for a minibatch."""
+        return self.background_encoder(
+            self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+
+    def background_prior(self, batch_index) -> dist.Distribution:
+        """Prior of the log background rate of each cell's proteins (its batch's)."""
+        return dist.Normal(
+            self.background_prior_mean.T.index_select(0, batch_index),
+            self.background_prior_log_scale.T.index_select(0, batch_index).exp(),
+        )
+
+    def generative(self, z, log_library, batch_index, labels=None, cat_covs=None,
+                   cont_covs=None, log_background=None):
+        """Likelihood parameters of both modalities given latent values.
+
+        Returns
+        -------
+        dict
+            scVI's ``rho``, ``mu``, ``theta``, ``zi_logits`` for RNA, and for proteins
+            ``background`` (β), ``foreground`` (β·α), ``mixing_logits`` (π, logit of the
+            background weight) and ``protein_theta`` (φ).
+        """
+        params = super().generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
+        protein = self.protein_decoder(
+            self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        background = log_background.clamp(*_LOG_BACKGROUND_RANGE).exp()
+        params.update(
+            background=background,
+            foreground=background * protein.foreground_scale,
+            mixing_logits=protein.mixing_logits,
+            protein_theta=self.protein_dispersion(batch_index, labels),
+        )
+        return params
+
+    def protein_likelihood(self, params: dict, batch_index) -> dist.Distribution:
+        """The distribution of a cell's protein counts, with unmeasured proteins masked."""
+        mixture = NegativeBinomialMixture(
+            mu1=params["background"], mu2=params["foreground"],
+            theta1=params["protein_theta"], mixture_logits=params["mixing_logits"],
+        )
+        measured = self.protein_batch_mask.index_select(0, batch_index)
+        return mixture.mask(measured).to_event(1)
+
+    # -- the model/guide pair -------------------------------------------------------------
+
+    def model(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
+              size_factor=None, n_obs=None, kl_weight=1.0):
+        """Generative process p(x, y, z, l, β) for a minibatch of ``x.shape[0]`` cells."""
+        n_cells = x.shape[0]
+        with cell_plate(n_cells, n_obs):
+            with kl_scale(kl_weight):
+                z = pyro.sample("z", self.prior(n_cells))
+                if self.use_observed_lib_size:
+                    log_library = self.observed_log_library(x, size_factor)
+                else:
+                    log_library = pyro.sample(
+                        "library",
+                        dist.Normal(
+                            self.library_log_means[batch_index].unsqueeze(-1),
+                            self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
+                        ).to_event(1),
+                    )
+                log_background = pyro.sample(
+                    "protein_background", self.background_prior(batch_index).to_event(1))
+            params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
+                                     log_background)
+            pyro.sample("x", self.likelihood(params), obs=x)
+            pyro.sample("y", self.protein_likelihood(params, batch_index), obs=y)
+
+    def guide(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
+              size_factor=None, n_obs=None, kl_weight=1.0):
+        """Amortized posterior q(z, l | x, y) q(β | z) for a minibatch."""
+        q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
+        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
+            z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            if q.library_loc is not None:
+                pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
+            loc, scale = self.background_posterior(z, batch_index, cat_covs, cont_covs)
+            pyro.sample("protein_background", dist.Normal(loc, scale).to_event(1))
