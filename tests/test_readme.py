@@ -40,3 +40,13 @@ def test_readme_scanpy_one_call_runs_and_writes_its_outputs(tmp_path, monkeypatc
     assert adata.obsm["X_scvi_denoised"].shape == (700, 400)
     assert "X_umap" in adata.obsm and model.is_trained
     assert de["group1"].nunique() == adata.obs["bulk_labels"].nunique()
+
+
+def test_readme_totalvi_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(section_code("### TotalVI: RNA and proteins"), str(README), "exec"), namespace)
+    adata, protein, de = namespace["adata"], namespace["protein"], namespace["de"]
+    assert protein.shape == (adata.n_obs, 12)
+    assert namespace["foreground"].to_numpy().max() <= 1.0
+    assert {"P0", "gene0"} <= set(de.index)

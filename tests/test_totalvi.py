@@ -268,3 +268,36 @@ def test_protein_field_errors_and_array_input():
     query.obsm["array"] = query.obsm["array"].set_axis(["CD3", "CD4", "CD19"], axis=1)
     with pytest.raises(SetupError, match="missing \\['CD8'\\], extra \\['CD19'\\]"):
         model.get_latent_representation(query)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gene_dispersion": "gene-batch", "protein_dispersion": "protein-batch"},
+        {"gene_dispersion": "gene-label", "protein_dispersion": "protein-label"},
+        {"gene_dispersion": "gene-cell", "gene_likelihood": "zinb"},
+        {"use_observed_lib_size": False, "latent_distribution": "ln"},
+        {"empirical_protein_background_prior": False, "encode_covariates": False},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_model_variants_train_and_give_finite_outputs(options):
+    adata = simulate_cite_seq(n_cells=200, n_genes=40, n_proteins=5, seed=8)
+    pyrovi.TOTALVI.setup_anndata(adata, "protein_expression", batch_key="batch",
+                                 labels_key="cell_type")
+    model = pyrovi.TOTALVI(adata, n_hidden=32, n_latent=5, **options)
+    model.train(max_epochs=5, seed=0, progress_bar=False)
+    assert np.isfinite(model.history.to_numpy()).all()
+    rna, protein = model.get_normalized_expression()
+    assert np.isfinite(rna.to_numpy()).all() and np.isfinite(protein.to_numpy()).all()
+    library = model.get_latent_library_size()
+    assert library.shape == (200, 1) and (library > 0).all()
+
+
+def test_invalid_options_are_rejected():
+    adata = simulate_cite_seq(n_cells=50, n_genes=20, n_proteins=3, seed=9)
+    pyrovi.TOTALVI.setup_anndata(adata, "protein_expression")
+    with pytest.raises(ValueError, match="protein_dispersion must be one of"):
+        pyrovi.TOTALVI(adata, protein_dispersion="protein-cell")
+    with pytest.raises(ValueError, match="'nb' or 'zinb'"):
+        pyrovi.TOTALVI(adata, gene_likelihood="poisson")
