@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ from pathlib import Path
 import anndata
 import numpy as np
 import torch
+from _common import SHARED, machine_line, train_validation_split, write_section
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # name: (file, batch_key, epochs)
 DATASETS = {
     "mouse_brain_10k": ("mouse_brain_10k.h5ad", None, 40),
@@ -38,16 +37,6 @@ DATASETS = {
     "pbmc_2batch_4k_genes": ("pbmc10k_5k_rna_2batch.h5ad", "batch", 15),
 }
 SECTION = "## scVI on CPU: pyrovi vs scvi-tools"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def train_scvi_tools(adata, batch_key, epochs, split, seed):
@@ -91,10 +80,7 @@ def run(datasets, runs, epochs_override):
         adata = anndata.read_h5ad(SHARED / file)
         # Cells without counts (one in mouse_brain_10k) are removed for both libraries.
         adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
-        rng = np.random.default_rng(0)
-        permuted = rng.permutation(adata.n_obs)
-        n_train = int(np.ceil(0.9 * adata.n_obs))
-        split = (np.sort(permuted[:n_train]), np.sort(permuted[n_train:]))
+        split = train_validation_split(adata.n_obs)
         results = {"pyrovi": [], "scvi-tools": []}
         for r in range(runs):
             order = [("scvi-tools", train_scvi_tools), ("pyrovi", train_pyrovi)]
@@ -118,18 +104,10 @@ def run(datasets, runs, epochs_override):
 
 
 def markdown(rows, threads) -> str:
-    import pyro
-    import scvi
-
-    import pyrovi
-
     lines = [
         SECTION,
         "",
-        f"Machine: {cpu_name()}, {threads} torch threads, {platform.platform()}. "
-        f"Versions: pyrovi {pyrovi.__version__}, scvi-tools {scvi.__version__}, "
-        f"pyro-ppl {pyro.__version__}, torch {torch.__version__}, Python "
-        f"{platform.python_version()}. Date: {time.strftime('%Y-%m-%d')}.",
+        machine_line(threads),
         "",
         "Same architecture (ZINB, 1×128 hidden, 10 latent), batch size 128, same epochs, same "
         "90/10 split, validation every epoch in both. Time = wall time of `train()` / epochs, "
@@ -152,16 +130,6 @@ def markdown(rows, threads) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section in ``path`` (sections start with '## ')."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    parts = old.split("\n## ")
-    kept = [parts[0].rstrip("\n")] + [
-        "## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(SECTION)
-    ]
-    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -175,7 +143,7 @@ def main():
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     rows = run(args.datasets, args.runs, args.epochs)
-    write_section(args.out, markdown(rows, args.threads))
+    write_section(args.out, markdown(rows, args.threads), SECTION)
     args.out.with_suffix(".scvi_cpu.json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows, args.threads))
 
