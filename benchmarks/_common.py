@@ -54,3 +54,60 @@ def write_section(path: Path, text: str, section: str) -> None:
         "## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(section)
     ]
     path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+
+
+def alternate_runs(name: str, runs: int, trainers: dict) -> tuple[dict, dict]:
+    """Run each library's trainer ``runs`` times, alternating which goes first.
+
+    ``trainers`` maps a label to ``fn(seed) -> (seconds per epoch, held-out ELBO)``.
+    Returns the raw results and the ratio summary of :func:`summarise`.
+    """
+    import logging
+
+    results = {label: [] for label in trainers}
+    order = list(trainers.items())
+    for r in range(runs):
+        for label, fn in order if r % 2 == 0 else order[::-1]:
+            per_epoch, elbo = fn(r)
+            results[label].append((per_epoch, float(elbo)))
+            logging.info("%s %s run %d: %.3f s/epoch, held-out ELBO %.2f",
+                         name, label, r, per_epoch, elbo)
+    return results, summarise(results)
+
+
+def summarise(results: dict) -> dict:
+    """Medians per library and pyrovi / scvi-tools ratios."""
+    import statistics
+
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(e for _, e in v))
+           for k, v in results.items()}
+    return {
+        "pyrovi_s_per_epoch": med["pyrovi"][0], "scvi_s_per_epoch": med["scvi-tools"][0],
+        "time_ratio": med["pyrovi"][0] / med["scvi-tools"][0],
+        "pyrovi_elbo": med["pyrovi"][1], "scvi_elbo": med["scvi-tools"][1],
+        "elbo_rel_diff": (med["pyrovi"][1] - med["scvi-tools"][1]) / abs(med["scvi-tools"][1]),
+    }
+
+
+def cli(description: str, datasets: dict, run, markdown, section: str, json_suffix: str):
+    """Parse the common options, run the benchmark, write RESULTS.md and a JSON file."""
+    import argparse
+    import json
+    import logging
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--datasets", nargs="+", default=list(datasets), choices=list(datasets))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="override per-dataset epochs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    rows = run(args.datasets, args.runs, args.epochs)
+    text = markdown(rows, args.threads)
+    write_section(args.out, text, section)
+    args.out.with_suffix(json_suffix).write_text(json.dumps(rows, indent=1))
+    print(text)

@@ -17,17 +17,13 @@ Run (needs the ``bench`` extra: ``pip install -e ".[bench]"``)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import statistics
 import time
-from pathlib import Path
+from functools import partial
 
 import anndata
 import numpy as np
 import torch
-from _common import SHARED, machine_line, train_validation_split, write_section
+from _common import SHARED, alternate_runs, cli, machine_line, train_validation_split
 
 # name: (file, epochs, cells to subsample or None)
 DATASETS = {
@@ -78,24 +74,14 @@ def run(datasets, runs, epochs_override):
             keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_cells, replace=False))
             adata = adata[keep].copy()
         split = train_validation_split(adata.n_obs)
-        results = {"pyrovi": [], "scvi-tools": []}
-        for r in range(runs):
-            order = [("scvi-tools", train_scvi_tools), ("pyrovi", train_pyrovi)]
-            for label, fn in order if r % 2 == 0 else order[::-1]:
-                per_epoch, elbo = fn(adata, epochs, split, seed=r)
-                results[label].append((per_epoch, float(elbo)))
-                logging.info("%s %s run %d: %.3f s/epoch, held-out ELBO %.2f",
-                             name, label, r, per_epoch, elbo)
-        med = {k: (statistics.median(t for t, _ in v), statistics.median(e for _, e in v))
-               for k, v in results.items()}
+        results, summary = alternate_runs(name, runs, {
+            "scvi-tools": partial(train_scvi_tools, adata, epochs, split),
+            "pyrovi": partial(train_pyrovi, adata, epochs, split),
+        })
         rows.append({
             "dataset": name, "cells": adata.n_obs, "genes": adata.n_vars,
             "proteins": adata.obsm["protein_expression"].shape[1], "epochs": epochs,
-            "runs": runs,
-            "pyrovi_s_per_epoch": med["pyrovi"][0], "scvi_s_per_epoch": med["scvi-tools"][0],
-            "time_ratio": med["pyrovi"][0] / med["scvi-tools"][0],
-            "pyrovi_elbo": med["pyrovi"][1], "scvi_elbo": med["scvi-tools"][1],
-            "elbo_rel_diff": (med["pyrovi"][1] - med["scvi-tools"][1]) / abs(med["scvi-tools"][1]),
+            "runs": runs, **summary,
             "raw": results,
         })
     return rows
@@ -132,21 +118,7 @@ def markdown(rows, threads) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=None, help="override per-dataset epochs")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    rows = run(args.datasets, args.runs, args.epochs)
-    write_section(args.out, markdown(rows, args.threads), SECTION)
-    args.out.with_suffix(".totalvi_cpu.json").write_text(json.dumps(rows, indent=1))
-    print(markdown(rows, args.threads))
+    cli(__doc__.split("\n")[0], DATASETS, run, markdown, SECTION, ".totalvi_cpu.json")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ class BaseModel(ABC):
         Device holding the module.
     """
 
-    #: Name of the observed site sampled by ``posterior_predictive_sample``.
-    observed_site = "x"
+    #: Observed site(s) sampled by ``posterior_predictive_sample`` (several: concatenated).
+    observed_site: str | tuple[str, ...] = "x"
 
     def __init__(self, adata, **init_params):
         self.adata = adata
@@ -285,8 +285,12 @@ class BaseModel(ABC):
         numpy.ndarray
             ``(n_cells, n_genes)`` for one sample, else ``(n_cells, n_genes, n_samples)``.
         """
-        data, _, _ = self._cell_tensors(adata, indices)
         columns = None if gene_list is None else self._gene_positions(gene_list)
+        return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
+
+    def _predictive_counts(self, adata, indices, n_samples, columns, batch_size) -> np.ndarray:
+        """Posterior predictive draws of ``observed_site``, cells × columns (× samples)."""
+        data, _, _ = self._cell_tensors(adata, indices)
         draws = posterior_predictive(
             self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
             site=self.observed_site, columns=columns,

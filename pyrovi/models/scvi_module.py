@@ -203,6 +203,13 @@ class SCVIModule(nn.Module):
             return size_factor.log().unsqueeze(-1)
         return x.sum(-1, keepdim=True).log()
 
+    def library_prior(self, batch_index) -> dist.Distribution:
+        """Prior of the latent log library size: its batch's empirical log-normal."""
+        return dist.Normal(
+            self.library_log_means[batch_index].unsqueeze(-1),
+            self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
+        ).to_event(1)
+
     def encode(self, x, batch_index, cat_covs=None, cont_covs=None) -> AmortizedPosterior:
         """Parameters of q(z, log l | x) for a minibatch."""
         if self.encode_covariates:
@@ -247,13 +254,7 @@ class SCVIModule(nn.Module):
                 if self.use_observed_lib_size:
                     log_library = self.observed_log_library(x, size_factor)
                 else:
-                    log_library = pyro.sample(
-                        "library",
-                        dist.Normal(
-                            self.library_log_means[batch_index].unsqueeze(-1),
-                            self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
-                        ).to_event(1),
-                    )
+                    log_library = pyro.sample("library", self.library_prior(batch_index))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
             pyro.sample("x", self.likelihood(params), obs=x)
 

@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import scipy.sparse as sp
 import torch
 
-from pyrovi.data import AnnDataRegistry, CellTensors, read_protein_field, setup_anndata
+from pyrovi.data import AnnDataRegistry, CellTensors, read_protein_field
 from pyrovi.data.multimodal import (
     MUDATA_PROTEIN_KEY,
     flatten_mudata,
@@ -23,7 +23,6 @@ from pyrovi.models import protein_background
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI, library_size_priors
 from pyrovi.models.totalvi_module import TOTALVIModule
-from pyrovi.posterior import posterior_predictive
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ class TOTALVI(SCVI):
     >>> rna, protein = model.get_normalized_expression()  # doctest: +SKIP
     >>> foreground = model.get_protein_foreground_probability()  # doctest: +SKIP
     """
+
+    observed_site = ("x", "y")
 
     def __init__(
         self,
@@ -167,18 +168,13 @@ class TOTALVI(SCVI):
         """
         proteins, names = read_protein_field(
             adata, protein_expression_obsm_key, protein_names_uns_key, allow_non_integer)
-        registry = setup_anndata(
-            adata,
-            model_name=cls.__name__,
-            layer=layer,
-            batch_key=batch_key,
-            labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys,
+        super().setup_anndata(
+            adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+            size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
-            allow_non_integer=allow_non_integer,
-            drop_empty_cells=drop_empty_cells,
+            allow_non_integer=allow_non_integer, drop_empty_cells=drop_empty_cells,
         )
+        registry = get_registry(adata, cls.__name__)
         batch = category_codes(adata, batch_key, registry.batch_categories, "batch_key")
         mask = protein_background.missing_protein_mask(proteins, batch, registry.n_batch)
         registry.protein_expression_obsm_key = protein_expression_obsm_key
@@ -560,16 +556,11 @@ class TOTALVI(SCVI):
             ``(n_cells, n_genes + n_proteins)`` for one sample, else with a trailing
             ``n_samples`` axis (genes first, then proteins, as scvi-tools).
         """
-        data, _, _ = self._cell_tensors(adata, indices)
         genes = (np.arange(self.registry.n_vars) if gene_list is None
                  else self._gene_positions(gene_list))
         columns = np.concatenate([genes, self.registry.n_vars
                                   + self._protein_positions(protein_list)])
-        draws = posterior_predictive(
-            self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
-            site=("x", "y"), columns=columns,
-        )
-        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
+        return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
 
     # -- differential expression over genes and proteins ---------------------------------
 

@@ -218,13 +218,7 @@ class TOTALVIModule(SCVIModule):
                 if self.use_observed_lib_size:
                     log_library = self.observed_log_library(x, size_factor)
                 else:
-                    log_library = pyro.sample(
-                        "library",
-                        dist.Normal(
-                            self.library_log_means[batch_index].unsqueeze(-1),
-                            self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
-                        ).to_event(1),
-                    )
+                    log_library = pyro.sample("library", self.library_prior(batch_index))
                 log_background = pyro.sample(
                     "protein_background", self.background_prior(batch_index).to_event(1))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
