@@ -93,7 +93,6 @@ def cli(description: str, datasets: dict, run, markdown, section: str, json_suff
     """Parse the common options, run the benchmark, write RESULTS.md and a JSON file."""
     import argparse
     import json
-    import logging
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--datasets", nargs="+", default=list(datasets), choices=list(datasets))
@@ -102,12 +101,19 @@ def cli(description: str, datasets: dict, run, markdown, section: str, json_suff
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    configure(args.threads)
     rows = run(args.datasets, args.runs, args.epochs)
     text = markdown(rows, args.threads)
     write_section(args.out, text, section)
     args.out.with_suffix(json_suffix).write_text(json.dumps(rows, indent=1))
     print(text)
+
+
+def configure(threads: int) -> None:
+    """Log progress (quietly for scvi-tools and lightning) and fix torch's thread count."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
