@@ -238,6 +238,18 @@ class SCVI(BaseModel):
 
         return sample
 
+    def _as_frames(self, values: list[torch.Tensor], adata_used, indices, column_names,
+                   n_samples: int, return_mean: bool, return_numpy: bool):
+        """Average draws and label them (cells × columns frames), as the outputs return."""
+        arrays = [v.cpu().numpy() for v in values]
+        if not (return_mean or n_samples == 1):
+            return tuple(arrays) if len(arrays) > 1 else arrays[0]
+        arrays = [a.mean(0) for a in arrays]
+        if not return_numpy:
+            arrays = [pd.DataFrame(a, index=adata_used.obs_names[indices], columns=names)
+                      for a, names in zip(arrays, column_names, strict=True)]
+        return tuple(arrays) if len(arrays) > 1 else arrays[0]
+
     def get_normalized_expression(
         self,
         adata=None,
@@ -287,17 +299,8 @@ class SCVI(BaseModel):
             data, None, self._batch_codes(transform_batch), [self._column_extractor(key, columns)],
             n_samples, batch_size or 1024,
         )
-        values = (values * scale).cpu().numpy()
-        if return_mean or n_samples == 1:
-            values = values.mean(0)
-            if return_numpy:
-                return values
-            return pd.DataFrame(
-                values,
-                index=adata_used.obs_names[indices],
-                columns=self.var_names[columns],
-            )
-        return values
+        return self._as_frames([values * scale], adata_used, indices, [self.var_names[columns]],
+                               n_samples, return_mean, return_numpy)
 
     def get_likelihood_parameters(
         self,

@@ -387,18 +387,6 @@ class TOTALVI(SCVI):
 
         return extract
 
-    def _as_frames(self, values: list[torch.Tensor], adata_used, indices, column_names,
-                   n_samples: int, return_mean: bool, return_numpy: bool):
-        """Average draws and label them (cells × columns frames), as the outputs return."""
-        arrays = [v.cpu().numpy() for v in values]
-        if not (return_mean or n_samples == 1):
-            return tuple(arrays) if len(arrays) > 1 else arrays[0]
-        arrays = [a.mean(0) for a in arrays]
-        if not return_numpy:
-            arrays = [pd.DataFrame(a, index=adata_used.obs_names[indices], columns=names)
-                      for a, names in zip(arrays, column_names, strict=True)]
-        return tuple(arrays) if len(arrays) > 1 else arrays[0]
-
     # -- outputs --------------------------------------------------------------------------
 
     def get_normalized_expression(
