@@ -140,7 +140,8 @@ class TOTALVIModule(SCVIModule):
             n_layers=n_layers_decoder, n_hidden=n_hidden, dropout_rate=0.0, **decoder_norm,
         )
         self.protein_dispersion = Dispersion(
-            n_proteins, protein_dispersion, n_batch=n_batch, n_labels=n_labels)
+            n_proteins, protein_dispersion, n_batch=n_batch, n_labels=n_labels,
+            log_theta_init=(0.0, 2.0))
         if protein_background_prior_mean is None:
             protein_background_prior_mean = torch.zeros(n_proteins, n_batch)
         if protein_background_prior_scale is None:

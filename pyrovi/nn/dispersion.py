@@ -21,25 +21,32 @@ class Dispersion(nn.Module):
         Protein models use the same modes with ``protein`` for ``gene``.
     n_batch, n_labels
         Number of groups for the grouped modes.
+    log_theta_init
+        Range of a uniform initialisation of ``log theta``; default: standard normal.
 
     Notes
     -----
     Like scvi-tools, theta is a point estimate (a parameter, not a latent variable), stored
-    on the log scale and initialised from a standard normal.
+    on the log scale and initialised from a standard normal for genes. Protein models start
+    ``log theta`` uniformly in ``[0, 2]`` (as scvi-tools' TotalVI): a protein starting with
+    a very small theta can settle in a single overdispersed component with a foreground
+    probability near 1 in every cell.
     """
 
-    def __init__(self, n_features: int, mode: str = "gene", n_batch: int = 1, n_labels: int = 1):
+    def __init__(self, n_features: int, mode: str = "gene", n_batch: int = 1, n_labels: int = 1,
+                 log_theta_init: tuple[float, float] | None = None):
         super().__init__()
         canonical = mode.replace("protein", "gene")
         if canonical not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {mode!r}.")
         self.mode = canonical
         n_groups = {"gene": 1, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}
-        self.log_theta = (
-            nn.Parameter(torch.randn(n_groups[canonical], n_features))
-            if canonical != "gene-cell"
-            else None
-        )
+        self.log_theta = None
+        if canonical != "gene-cell":
+            shape = (n_groups[canonical], n_features)
+            initial = (torch.randn(shape) if log_theta_init is None
+                       else torch.empty(shape).uniform_(*log_theta_init))
+            self.log_theta = nn.Parameter(initial)
 
     def forward(
         self,
