@@ -205,7 +205,8 @@ def _require_obs_key(adata, key: str, role: str) -> pd.Series:
     return column
 
 
-def _categories_of(column: pd.Series) -> list[str]:
+def categories_of(column: pd.Series) -> list[str]:
+    """Categories present in ``column``: categorical order if categorical, else sorted."""
     if isinstance(column.dtype, pd.CategoricalDtype):
         used = set(column.astype(str))
         return [str(c) for c in column.cat.categories if str(c) in used]
@@ -340,7 +341,7 @@ def setup_anndata(
         )
 
     def categories(key, role):
-        return _categories_of(_require_obs_key(adata, key, role)) if key else ["0"]
+        return categories_of(_require_obs_key(adata, key, role)) if key else ["0"]
 
     registry = AnnDataRegistry(
         model_name=model_name,
@@ -464,6 +465,7 @@ __all__ = [
     "AnnDataRegistry",
     "CountDataError",
     "SetupError",
+    "categories_of",
     "category_codes",
     "check_var_names",
     "continuous_values",

@@ -316,14 +316,10 @@ class BaseModel(ABC):
 
     # -- differential expression ----------------------------------------------------------
 
+    @abstractmethod
     def _normalized_expression_sampler(self, data: CellTensors, batch_size: int):
         """``sample(cell_positions, batch_code) -> (n, n_features)`` draws of normalized
-        expression, one posterior draw per position (models with an expression decoder
-        override this)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no normalized expression, so it offers no "
-            "differential_expression."
-        )
+        expression, one posterior draw per position (what differential expression compares)."""
 
     def differential_expression(
         self,

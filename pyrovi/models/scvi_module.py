@@ -242,6 +242,26 @@ class SCVIModule(nn.Module):
             self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"]
         ).to_event(1)
 
+    def sample_cell_latents(self, x, batch_index, size_factor=None):
+        """Model side: ``z ~ p(z)`` and ``log l`` (from its prior, or observed) of each cell.
+
+        Called inside the cell plate; returns ``(z, log_library)``.
+        """
+        z = pyro.sample("z", self.prior(x.shape[0]))
+        if self.use_observed_lib_size:
+            return z, self.observed_log_library(x, size_factor)
+        return z, pyro.sample("library", self.library_prior(batch_index))
+
+    def sample_posterior_latents(self, q: AmortizedPosterior) -> torch.Tensor:
+        """Guide side: ``z`` (and ``log l`` when latent) from the amortized posterior ``q``.
+
+        Called inside the cell plate; returns ``z``.
+        """
+        z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+        if q.library_loc is not None:
+            pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
+        return z
+
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
@@ -250,11 +270,7 @@ class SCVIModule(nn.Module):
         n_cells = x.shape[0]
         with cell_plate(n_cells, n_obs):
             with kl_scale(kl_weight):
-                z = pyro.sample("z", self.prior(n_cells))
-                if self.use_observed_lib_size:
-                    log_library = self.observed_log_library(x, size_factor)
-                else:
-                    log_library = pyro.sample("library", self.library_prior(batch_index))
+                z, log_library = self.sample_cell_latents(x, batch_index, size_factor)
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
             pyro.sample("x", self.likelihood(params), obs=x)
 
@@ -263,6 +279,4 @@ class SCVIModule(nn.Module):
         """Amortized posterior q(z, l | x) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs)
         with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
-            pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
-            if q.library_loc is not None:
-                pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
+            self.sample_posterior_latents(q)

@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import scipy.sparse as sp
 import torch
 
-from pyrovi.data import AnnDataRegistry, CellTensors, read_protein_field
+from pyrovi.data import AnnDataRegistry, CellTensors, protein_matrix, read_protein_field
 from pyrovi.data.multimodal import (
     MUDATA_PROTEIN_KEY,
     flatten_mudata,
@@ -26,14 +26,15 @@ from pyrovi.models.totalvi_module import TOTALVIModule
 
 logger = logging.getLogger(__name__)
 
-def _obs_keys(registry: AnnDataRegistry) -> dict[str, list[str]]:
-    """The obs columns each setup argument names."""
+def _obs_keys(batch_key=None, labels_key=None, size_factor_key=None,
+              categorical_covariate_keys=None, continuous_covariate_keys=None):
+    """The obs columns each setup argument names (only the arguments that name any)."""
     keys = {
-        "batch_key": [registry.batch_key],
-        "labels_key": [registry.labels_key],
-        "size_factor_key": [registry.size_factor_key],
-        "categorical_covariate_keys": registry.categorical_covariate_keys,
-        "continuous_covariate_keys": registry.continuous_covariate_keys,
+        "batch_key": [batch_key],
+        "labels_key": [labels_key],
+        "size_factor_key": [size_factor_key],
+        "categorical_covariate_keys": list(categorical_covariate_keys or []),
+        "continuous_covariate_keys": list(continuous_covariate_keys or []),
     }
     return {role: [k for k in ks if k] for role, ks in keys.items() if any(ks)}
 
@@ -230,13 +231,9 @@ class TOTALVI(SCVI):
         >>> model = pyrovi.TOTALVI(mdata)  # doctest: +SKIP
         """
         fields = resolve_modalities(modalities)
-        probe = AnnDataRegistry(
-            model_name=cls.__name__, batch_key=batch_key, labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=list(categorical_covariate_keys or []),
-            continuous_covariate_keys=list(continuous_covariate_keys or []),
-        )
-        flat = flatten_mudata(mdata, fields, rna_layer, protein_layer, _obs_keys(probe))
+        flat = flatten_mudata(mdata, fields, rna_layer, protein_layer, _obs_keys(
+            batch_key, labels_key, size_factor_key, categorical_covariate_keys,
+            continuous_covariate_keys))
         cls.setup_anndata(
             flat, MUDATA_PROTEIN_KEY, batch_key=batch_key, labels_key=labels_key,
             size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
@@ -257,7 +254,8 @@ class TOTALVI(SCVI):
             raise ValueError("This MuData was not set up with TOTALVI.setup_mudata.")
         flat = flatten_mudata(
             mdata, fields, fields["rna_layer_name"] or None, fields["protein_layer_name"] or None,
-            _obs_keys(registry),
+            _obs_keys(registry.batch_key, registry.labels_key, registry.size_factor_key,
+                      registry.categorical_covariate_keys, registry.continuous_covariate_keys),
         )
         flat.uns[REGISTRY_UNS_KEY] = registry.to_dict()
         return flat
@@ -269,8 +267,8 @@ class TOTALVI(SCVI):
     def _build_module(self, adata, registry: AnnDataRegistry,
                       empirical_protein_background_prior=True, override_missing_proteins=False,
                       use_observed_lib_size=True, **params):
-        proteins = read_protein_field(adata, registry.protein_expression_obsm_key,
-                                      allow_non_integer=registry.allow_non_integer)[0]
+        # Validated at setup: read the matrix as it is.
+        proteins = protein_matrix(adata, registry.protein_expression_obsm_key)
         mask = np.asarray(registry.protein_batch_mask, dtype=bool)
         if override_missing_proteins:
             mask = np.ones_like(mask)
@@ -578,7 +576,6 @@ class TOTALVI(SCVI):
 
     def _de_features(self, adata, registry: AnnDataRegistry):
         counts = counts_matrix(adata, registry.layer)
-        proteins = read_protein_field(adata, registry.protein_expression_obsm_key,
-                                      allow_non_integer=registry.allow_non_integer)[0]
+        proteins = protein_matrix(adata, registry.protein_expression_obsm_key)
         counts = sp.hstack([sp.csr_matrix(counts), sp.csr_matrix(proteins)], format="csr")
         return counts, [*map(str, self.var_names), *self.registry.protein_names]

@@ -215,11 +215,7 @@ class TOTALVIModule(SCVIModule):
         n_cells = x.shape[0]
         with cell_plate(n_cells, n_obs):
             with kl_scale(kl_weight):
-                z = pyro.sample("z", self.prior(n_cells))
-                if self.use_observed_lib_size:
-                    log_library = self.observed_log_library(x, size_factor)
-                else:
-                    log_library = pyro.sample("library", self.library_prior(batch_index))
+                z, log_library = self.sample_cell_latents(x, batch_index, size_factor)
                 log_background = pyro.sample(
                     "protein_background", self.background_prior(batch_index).to_event(1))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
@@ -232,8 +228,6 @@ class TOTALVIModule(SCVIModule):
         """Amortized posterior q(z, l | x, y) q(β | z) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
         with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
-            z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
-            if q.library_loc is not None:
-                pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
+            z = self.sample_posterior_latents(q)
             loc, scale = self.background_posterior(z, batch_index, cat_covs, cont_covs)
             pyro.sample("protein_background", dist.Normal(loc, scale).to_event(1))

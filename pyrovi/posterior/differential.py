@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from pyrovi._gaussian_mixture import fit_gaussian_mixture_1d
+from pyrovi.data.registry import categories_of
 from pyrovi.data.validation import cell_totals
 
 logger = logging.getLogger(__name__)
@@ -285,11 +286,9 @@ def bayes_factors(
     }
 
 
-def _column_means(matrix, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(matrix[rows].mean(axis=0), dtype=np.float64).ravel()
-
-
-def raw_counts_properties(counts, cells1: np.ndarray, cells2: np.ndarray) -> dict[str, np.ndarray]:
+def raw_counts_properties(
+    counts, cells1: np.ndarray, cells2: np.ndarray, totals: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per-feature summaries of the observed counts of two groups (scvi-tools' ``all_stats``).
 
     Parameters
@@ -298,6 +297,8 @@ def raw_counts_properties(counts, cells1: np.ndarray, cells2: np.ndarray) -> dic
         Cells × features counts (dense or sparse).
     cells1, cells2
         Positions of the two groups' cells.
+    totals
+        Total counts per cell, when already known (several comparisons on one matrix).
 
     Returns
     -------
@@ -306,7 +307,8 @@ def raw_counts_properties(counts, cells1: np.ndarray, cells2: np.ndarray) -> dic
         count), ``raw_normalized_mean1/2`` (mean counts per 10k counts of each cell).
     """
     counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
-    totals = cell_totals(counts)
+    if totals is None:
+        totals = cell_totals(counts)
     scaling = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64),
                         where=totals > 0)[:, None]
     stats: dict[str, list[np.ndarray]] = {
@@ -395,9 +397,7 @@ def plan_comparisons(
                 f"{list(obs.columns)}."
             )
         labels = obs[groupby].astype(str).to_numpy()
-        present = list(pd.unique(labels))
-        if isinstance(obs[groupby].dtype, pd.CategoricalDtype):
-            present = [str(c) for c in obs[groupby].cat.categories if str(c) in set(labels)]
+        present = categories_of(obs[groupby])
         if group1 is None:
             if len(present) < 2:
                 raise ValueError(f"adata.obs[{groupby!r}] has a single group; nothing to compare.")
@@ -463,25 +463,27 @@ def differential_expression(
         raise ValueError(f"mode must be one of {DE_MODES}, got {mode!r}.")
     rng = np.random.default_rng(seed)
     comparisons = plan_comparisons(obs, groupby, group1, group2, idx1, idx2)
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    totals = cell_totals(counts)
+    estimate_offset = mode == "change" and pseudocounts is None
     frames = []
     for comparison in tqdm(comparisons, desc="Differential expression", disable=silent):
         first = sample_group_scales(sampler, comparison.cells1, n_samples, batch_codes1, rng)
         second = sample_group_scales(sampler, comparison.cells2, n_samples, batch_codes2, rng)
         scale1, scale2 = paired_draws(first, second, use_permutation, m_permutation, rng)
-        offset = 0.0
-        if mode == "change":
-            offset = pseudocounts
-            if offset is None:
-                offset = estimate_pseudocounts(
-                    scale1, scale2,
-                    _column_means(counts, comparison.cells1) < threshold_counts,
-                    _column_means(counts, comparison.cells2) < threshold_counts,
-                )
+        raw = {}
+        if all_stats or estimate_offset:
+            raw = raw_counts_properties(counts, comparison.cells1, comparison.cells2, totals)
+        offset = 0.0 if mode == "vanilla" else pseudocounts
+        if estimate_offset:
+            offset = estimate_pseudocounts(scale1, scale2,
+                                           raw["raw_mean1"] < threshold_counts,
+                                           raw["raw_mean2"] < threshold_counts)
         result = bayes_factors(scale1, scale2, mode, delta, offset, test_mode)
         # Group means over all draws, not only the paired ones.
         result["scale1"], result["scale2"] = first.scale.mean(0), second.scale.mean(0)
         if all_stats:
-            result.update(raw_counts_properties(counts, comparison.cells1, comparison.cells2))
+            result.update(raw)
         frame = pd.DataFrame(result, index=pd.Index(list(feature_names)))
         frame = frame.sort_values("proba_de" if mode == "change" else "bayes_factor",
                                   ascending=False)
