@@ -68,9 +68,6 @@ class BaseModel(ABC):
         Device holding the module.
     """
 
-    #: Observed site(s) sampled by ``posterior_predictive_sample`` (several: concatenated).
-    observed_site: str | tuple[str, ...] = "x"
-
     def __init__(self, adata, **init_params):
         self.adata = adata
         self.registry = get_registry(adata, type(self).__name__)
@@ -289,11 +286,12 @@ class BaseModel(ABC):
         return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
 
     def _predictive_counts(self, adata, indices, n_samples, columns, batch_size) -> np.ndarray:
-        """Posterior predictive draws of ``observed_site``, cells × columns (× samples)."""
+        """Posterior predictive draws of the module's ``observed_sites`` (concatenated),
+        cells × columns (× samples)."""
         data, _, _ = self._cell_tensors(adata, indices)
         draws = posterior_predictive(
             self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
-            site=self.observed_site, columns=columns,
+            site=self.module.observed_sites, columns=columns,
         )
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
 

@@ -13,7 +13,7 @@ from pyrovi.data import AnnDataRegistry, CellTensors, cell_totals, setup_anndata
 from pyrovi.data.registry import category_codes, counts_matrix
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi_module import SCVIModule
-from pyrovi.posterior import guide_trace, inference_mode
+from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
 
 
 def library_size_priors(adata, registry: AnnDataRegistry) -> tuple[np.ndarray, np.ndarray]:
@@ -165,19 +165,19 @@ class SCVI(BaseModel):
 
     # -- scVI-specific outputs ------------------------------------------------------------
 
-    def _posterior_generative(self, batch: dict, batch_codes=(None,)) -> list[dict]:
-        """Likelihood parameters for one posterior draw, decoded in each of ``batch_codes``.
+    def _posterior_generative(self, draw: PosteriorDraw, batch_codes=(None,)) -> list[dict]:
+        """Likelihood parameters of a posterior draw, decoded in each of ``batch_codes``.
 
         ``None`` keeps each cell's own batch; the draw is shared by all codes.
         """
-        posterior = guide_trace(self.module, batch)
+        batch = draw.batch
         outputs = []
         for code in batch_codes:
             batch_index = batch["batch_index"]
             if code is not None:
                 batch_index = torch.full_like(batch_index, code)
             outputs.append(self.module.generative(
-                **self._generative_inputs(posterior, batch, batch_index, code)))
+                **self._generative_inputs(draw.guide, batch, batch_index, code)))
         return outputs
 
     def _generative_inputs(self, posterior, batch: dict, batch_index, code) -> dict:
@@ -210,17 +210,13 @@ class SCVI(BaseModel):
         tensor. Every draw of the latents is decoded in each batch of ``codes``, and the
         extracted values are averaged over the codes; all extractors see the same draws.
         """
-        chunks: list[list[torch.Tensor]] = [[] for _ in extractors]
-        with inference_mode(self.module):
-            for _, batch in data.iter_minibatches(positions, batch_size):
-                draws: list[list[torch.Tensor]] = [[] for _ in extractors]
-                for _ in range(n_samples):
-                    decoded = self._posterior_generative(batch, codes)
-                    for i, extract in enumerate(extractors):
-                        draws[i].append(torch.stack([extract(out) for out in decoded]).mean(0))
-                for i in range(len(extractors)):
-                    chunks[i].append(torch.stack(draws[i]))
-        return [torch.cat(parts, dim=1) for parts in chunks]
+        def decode(draw: PosteriorDraw) -> dict[int, torch.Tensor]:
+            decoded = self._posterior_generative(draw, codes)
+            return {i: torch.stack([extract(out) for out in decoded]).mean(0)
+                    for i, extract in enumerate(extractors)}
+
+        values = iterate_posterior(self.module, data, decode, n_samples, positions, batch_size)
+        return [values[i] for i in range(len(extractors))]
 
     def _column_extractor(self, key: str, columns: np.ndarray):
         columns_t = torch.as_tensor(columns, device=self.device)
@@ -321,20 +317,16 @@ class SCVI(BaseModel):
         """
         data, _, _ = self._cell_tensors(adata, indices)
         names = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
-        chunks: dict[str, list] = {k: [] for k in names}
-        with inference_mode(self.module):
-            for _, batch in data.iter_minibatches(None, batch_size or 1024):
-                draws = [self._posterior_generative(batch)[0] for _ in range(n_samples)]
-                for out_name, key in names.items():
-                    if draws[0][key] is None:
-                        continue
-                    values = torch.stack(
-                        [d[key].expand_as(d["mu"]) for d in draws]
-                    )
-                    chunks[out_name].append(values)
+
+        def parameters(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+            [params] = self._posterior_generative(draw)
+            return {out: params[key].expand_as(params["mu"]) for out, key in names.items()
+                    if params[key] is not None}
+
+        values = iterate_posterior(self.module, data, parameters, n_samples, None,
+                                   batch_size or 1024)
         result = {}
-        for name, parts in chunks.items():
-            if parts:
-                values = torch.cat(parts, dim=1).cpu().numpy()
-                result[name] = values.mean(0) if give_mean or n_samples == 1 else values
+        for name, draws in values.items():
+            draws = draws.cpu().numpy()
+            result[name] = draws.mean(0) if give_mean or n_samples == 1 else draws
         return result

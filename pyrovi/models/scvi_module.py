@@ -107,6 +107,12 @@ class SCVIModule(nn.Module):
         Hidden layers of each network (default ``n_layers`` for both).
     """
 
+    #: Observed sites (posterior predictive samples) and the plate over cells.
+    observed_sites = ("x",)
+    cell_plate = "cells"
+    #: Named dimensions of each site's value after the cell axis (for ArviZ export).
+    site_dims = {"z": ("latent",), "library": (), "x": ("gene",)}
+
     def __init__(
         self,
         n_input: int,

@@ -84,8 +84,6 @@ class TOTALVI(SCVI):
     >>> foreground = model.get_protein_foreground_probability()  # doctest: +SKIP
     """
 
-    observed_site = ("x", "y")
-
     def __init__(
         self,
         adata,

@@ -70,6 +70,9 @@ class TOTALVIModule(SCVIModule):
         likelihood ``"nb"`` or ``"zinb"``, latent distribution, normalisation, prior).
     """
 
+    observed_sites = ("x", "y")
+    site_dims = {**SCVIModule.site_dims, "protein_background": ("protein",), "y": ("protein",)}
+
     def __init__(
         self,
         n_input: int,

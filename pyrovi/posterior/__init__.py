@@ -1,12 +1,16 @@
 """Posterior utilities shared by every model (``pyrovi.posterior``)."""
 
+from pyrovi.posterior.arviz_export import to_arviz
 from pyrovi.posterior.core import (
+    PosteriorDraw,
     guide_trace,
     inference_mode,
+    iterate_posterior,
     latent_representation,
     marginal_log_likelihood,
     model_trace,
     posterior_predictive,
+    posterior_samples,
 )
 from pyrovi.posterior.differential import (
     bayes_factors,
@@ -16,6 +20,7 @@ from pyrovi.posterior.differential import (
     fdr_de_prediction,
     raw_counts_properties,
 )
+from pyrovi.posterior.embedding import embedding_metrics
 from pyrovi.posterior.loadings import varimax
 
 __all__ = [
@@ -31,5 +36,10 @@ __all__ = [
     "marginal_log_likelihood",
     "model_trace",
     "posterior_predictive",
+    "posterior_samples",
+    "PosteriorDraw",
+    "iterate_posterior",
+    "to_arviz",
     "varimax",
+    "embedding_metrics",
 ]

@@ -1,22 +1,60 @@
-"""Posterior computations shared by every model/guide pair.
+"""The one sampling core behind every posterior output, for any model/guide pair.
 
-A module qualifies when it has ``model(**batch)`` and ``guide(**batch)`` taking the keyword
-arguments of :meth:`pyrovi.data.CellTensors.minibatch`, with per-cell sites inside a
-``cells`` plate. Nothing here knows which model it serves.
+A *model/guide pair* is any object with ``model(**batch)`` and ``guide(**batch)`` methods
+whose per-cell sample sites sit inside a plate over cells. It may declare
+
+- ``observed_sites``: the names of its observed sites (default: every site the model
+  conditions on data), and
+- ``cell_plate``: the name of its plate over cells (default ``"cells"``, the name used by
+  :func:`pyrovi.infer.cell_plate`).
+
+``batch`` holds the keyword arguments of one minibatch: either what
+:meth:`pyrovi.data.CellTensors.minibatch` gives (``x``, ``batch_index``, ...) or, for a
+pair written outside pyrovi, rows of a plain ``{name: per-cell array}`` mapping.
+
+Every function here walks the cells in minibatches (memory bounded by ``batch_size``
+cells), draws from the amortized posterior with the guide, replays the model on the draw
+(optionally with its observed sites sampled instead of conditioned — the posterior
+predictive, as :class:`pyro.infer.Predictive` does with an unconditioned model) and hands
+each draw to a callback. Nothing here knows which model it serves.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
 
 from pyrovi.data.tensors import CellTensors
 from pyrovi.infer.objective import inference_mode
 from pyrovi.nn.encoder import identity
+
+DEFAULT_CELL_PLATE = "cells"
+
+
+class PosteriorDraw(NamedTuple):
+    """One draw from the posterior for one minibatch of cells.
+
+    Attributes
+    ----------
+    batch
+        The keyword arguments the model and guide were called with.
+    guide
+        Trace of the guide (the amortized posterior draw).
+    model
+        Trace of the model replayed on that draw (``None`` unless requested); with
+        ``predictive=True`` its observed sites hold posterior predictive samples.
+    """
+
+    batch: dict
+    guide: poutine.Trace
+    model: poutine.Trace | None
 
 
 def guide_trace(module, batch: dict) -> poutine.Trace:
@@ -36,8 +74,219 @@ def model_trace(module, batch: dict, posterior: poutine.Trace, predictive: bool 
     return poutine.trace(model).get_trace(**batch)
 
 
-def _as_numpy(chunks: list[torch.Tensor], axis: int) -> np.ndarray:
-    return torch.cat(chunks, dim=axis).cpu().numpy()
+def _minibatches(data, indices, batch_size: int) -> Iterator[dict]:
+    """Keyword arguments of successive minibatches of ``data``'s cells (in order)."""
+    if isinstance(data, CellTensors):
+        for _, batch in data.iter_minibatches(indices, batch_size):
+            yield batch
+        return
+    tensors = {k: None if v is None else torch.as_tensor(v) for k, v in data.items()}
+    n_cells = {v.shape[0] for v in tensors.values() if v is not None}
+    if len(n_cells) != 1:
+        raise ValueError(
+            f"Every per-cell array in data needs the same number of rows; got {sorted(n_cells)}."
+        )
+    index = np.arange(n_cells.pop()) if indices is None else np.asarray(indices)
+    for start in range(0, len(index), batch_size):
+        rows = torch.as_tensor(index[start : start + batch_size], dtype=torch.int64)
+        yield {k: None if v is None else v.index_select(0, rows.to(v.device))
+               for k, v in tensors.items()}
+
+
+def _n_cells(data, indices) -> int:
+    if not isinstance(data, CellTensors | Mapping):
+        raise TypeError(
+            "data must be pyrovi CellTensors or a mapping {argument name: per-cell array}, "
+            f"got {type(data).__name__}."
+        )
+    if indices is not None:
+        return len(indices)
+    if isinstance(data, CellTensors):
+        return data.n_obs
+    return next(len(v) for v in data.values() if v is not None)
+
+
+def iterate_posterior(
+    module,
+    data,
+    fn: Callable[[PosteriorDraw], dict[str, torch.Tensor]],
+    n_samples: int = 1,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1024,
+    run_model: bool = False,
+    predictive: bool = False,
+    reduce: str | None = None,
+    progress_bar: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Apply ``fn`` to ``n_samples`` posterior draws of every cell and collect the results.
+
+    This is the loop every posterior output of pyrovi runs on: samples of sites, denoised
+    expression, latent means, importance weights, differential-expression draws.
+
+    Parameters
+    ----------
+    module
+        The model/guide pair.
+    data
+        :class:`~pyrovi.data.CellTensors`, or a mapping ``{argument: per-cell array}``
+        whose rows are passed to ``model`` and ``guide`` as keyword arguments.
+    fn
+        Called once per minibatch and draw; returns ``{name: tensor}`` with the cells of
+        the minibatch on axis 0.
+    n_samples
+        Posterior draws per cell.
+    indices
+        Cells to use (positions in ``data``), default all.
+    batch_size
+        Cells per forward pass; memory is bounded by it (and ``n_samples`` unless
+        ``reduce="mean"``).
+    run_model
+        Also replay the model on each draw (``draw.model``).
+    predictive
+        Sample the model's observed sites instead of conditioning on the data.
+    reduce
+        ``None`` keeps every draw; ``"mean"`` keeps a running mean over draws.
+    progress_bar
+        Show a tqdm bar over minibatches.
+
+    Returns
+    -------
+    dict
+        ``{name: tensor}`` of shape ``(n_samples, n_cells, ...)``, or ``(n_cells, ...)``
+        with ``reduce="mean"``, on the module's device.
+
+    Examples
+    --------
+    >>> z = iterate_posterior(module, data, lambda d: {"z": d.guide.nodes["z"]["value"]},
+    ...                       n_samples=10)["z"]  # doctest: +SKIP
+    """
+    if reduce not in (None, "mean"):
+        raise ValueError(f"reduce must be None or 'mean', got {reduce!r}.")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    chunks: dict[str, list[torch.Tensor]] = {}
+    n_batches = math.ceil(_n_cells(data, indices) / batch_size)
+    with inference_mode(module):
+        for batch in tqdm(_minibatches(data, indices, batch_size), total=n_batches,
+                          disable=not progress_bar, desc="posterior"):
+            draws: dict[str, list[torch.Tensor]] = {}
+            for _ in range(n_samples):
+                guide = guide_trace(module, batch)
+                model = model_trace(module, batch, guide, predictive) if run_model else None
+                for name, value in fn(PosteriorDraw(batch, guide, model)).items():
+                    draws.setdefault(name, []).append(value)
+            for name, values in draws.items():
+                stacked = (torch.stack(values).mean(0) if reduce == "mean"
+                           else torch.stack(values))
+                chunks.setdefault(name, []).append(stacked)
+    axis = 0 if reduce == "mean" else 1
+    return {name: torch.cat(parts, dim=axis) for name, parts in chunks.items()}
+
+
+def cell_axis(site: dict, cell_plate: str = DEFAULT_CELL_PLATE) -> int | None:
+    """Axis of a trace site's value that indexes cells (``None``: the site is global)."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == cell_plate:
+            event_dim = len(getattr(site["fn"], "event_shape", ()))
+            return site["value"].dim() - event_dim + frame.dim
+    return None
+
+
+def observed_site_names(module, trace: poutine.Trace) -> tuple[str, ...]:
+    """The pair's declared ``observed_sites``, else the sites its model conditions on data."""
+    declared = getattr(module, "observed_sites", None)
+    if declared:
+        return tuple(declared)
+    return tuple(
+        name for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+        and (site["is_observed"] or site["infer"].get("was_observed", False))
+    )
+
+
+def posterior_samples(
+    module,
+    data,
+    sites: Sequence[str] | None = None,
+    n_samples: int = 1,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1024,
+    columns: Mapping[str, Sequence[int]] | None = None,
+    progress_bar: bool = False,
+) -> dict[str, np.ndarray]:
+    """Posterior draws of latent sites and posterior predictive draws of observed sites.
+
+    The generic sampler of pyrovi, equivalent to :class:`pyro.infer.Predictive` with the
+    guide as posterior and the observed sites unconditioned, but batched over cells so
+    that memory stays bounded, and aware of which axis holds the cells.
+
+    Parameters
+    ----------
+    module
+        A model/guide pair (see the module docstring for what it may declare).
+    data
+        :class:`~pyrovi.data.CellTensors` or a mapping ``{argument: per-cell array}``.
+    sites
+        Sites to return: latent sites take the guide's draw, observed sites a draw from
+        the model given it. Default: every latent site of the guide plus the observed
+        sites.
+    n_samples
+        Draws per cell.
+    indices
+        Cells to use (positions in ``data``), default all.
+    batch_size
+        Cells per forward pass.
+    columns
+        ``{site: positions}`` to keep only some features of wide sites (the last axis).
+    progress_bar
+        Show a tqdm bar.
+
+    Returns
+    -------
+    dict
+        ``{site: array}`` with shape ``(n_samples, n_cells, ...)`` for sites in the cell
+        plate. A site outside the plate (a global latent) is returned as drawn with the
+        first minibatch, shape ``(n_samples, ...)``.
+
+    Examples
+    --------
+    >>> draws = posterior_samples(model.module, data, sites=["z", "x"], n_samples=20)
+    ... # doctest: +SKIP
+    >>> draws["x"].shape  # (20, n_cells, n_genes)  # doctest: +SKIP
+    """
+    plate = getattr(module, "cell_plate", DEFAULT_CELL_PLATE)
+    columns = {k: torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in
+               (columns or {}).items()}
+    global_sites: dict[str, list[torch.Tensor]] = {}
+    wanted: list[str] = []
+
+    def extract(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        if not wanted:
+            latent = [n for n in draw.guide.stochastic_nodes
+                      if not site_is_subsample(draw.guide.nodes[n])]
+            wanted.extend(sites if sites is not None
+                          else latent + list(observed_site_names(module, draw.model)))
+        out = {}
+        for name in wanted:
+            site = draw.guide.nodes.get(name) or draw.model.nodes.get(name)
+            if site is None or site["type"] != "sample" or site_is_subsample(site):
+                raise KeyError(f"No sample site {name!r} in the model or guide.")
+            value = site["value"]
+            if name in columns:
+                value = value.index_select(-1, columns[name].to(value.device))
+            axis = cell_axis(site, plate)
+            if axis is None:
+                global_sites.setdefault(name, []).append(value)
+                continue
+            out[name] = value.movedim(axis, 0)
+        return out
+
+    draws = iterate_posterior(module, data, extract, n_samples, indices, batch_size,
+                              run_model=True, predictive=True, progress_bar=progress_bar)
+    result = {name: value.cpu().numpy() for name, value in draws.items()}
+    for name, values in global_sites.items():
+        result[name] = torch.stack(values[:n_samples]).cpu().numpy()
+    return {name: result[name] for name in wanted}
 
 
 def latent_representation(
@@ -77,21 +326,22 @@ def latent_representation(
     transform = getattr(module, "z_transform", None)
     if transform is identity:
         transform = None
-    chunks = []
-    with inference_mode(module):
-        for _, batch in data.iter_minibatches(indices, batch_size):
-            fn = guide_trace(module, batch).nodes[site]["fn"]
-            if give_mean:
-                chunks.append(
-                    fn.mean if transform is None
-                    else transform(fn.sample((mc_samples_for_mean,))).mean(0)
-                )
-            else:
-                draws = fn.sample((n_samples,))
-                chunks.append(draws if transform is None else transform(draws))
+
+    def mean(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        q = draw.guide.nodes[site]["fn"]
+        if transform is None:
+            return {site: q.mean}
+        return {site: transform(q.sample((mc_samples_for_mean,))).mean(0)}
+
+    def sample(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        value = draw.guide.nodes[site]["value"]
+        return {site: value if transform is None else transform(value)}
+
     if give_mean:
-        return _as_numpy(chunks, axis=0)
-    draws = _as_numpy(chunks, axis=1)
+        values = iterate_posterior(module, data, mean, 1, indices, batch_size, reduce="mean")
+        return values[site].cpu().numpy()
+    draws = iterate_posterior(module, data, sample, n_samples, indices, batch_size)[site]
+    draws = draws.cpu().numpy()
     return draws[0] if n_samples == 1 else draws
 
 
@@ -104,7 +354,7 @@ def posterior_predictive(
     site: str | Sequence[str] = "x",
     columns=None,
 ) -> np.ndarray:
-    """Samples of the observed ``site`` from the posterior predictive distribution.
+    """Samples of the observed ``site``(s) from the posterior predictive distribution.
 
     Parameters
     ----------
@@ -112,24 +362,26 @@ def posterior_predictive(
         Observed site, or several (e.g. ``("x", "y")`` for RNA and protein), whose values
         from the same draw are concatenated along the feature axis.
     columns
-        Optional integer positions of features to keep (limits memory for wide data).
+        Optional integer positions of features to keep, after concatenation (limits
+        memory for wide data).
 
     Returns
     -------
     numpy.ndarray
         ``(n_samples, n_cells, n_features)``.
     """
-    chunks = []
-    with inference_mode(module):
-        for _, batch in data.iter_minibatches(indices, batch_size):
-            draws = []
-            for _ in range(n_samples):
-                trace = model_trace(module, batch, guide_trace(module, batch), predictive=True)
-                sites = [site] if isinstance(site, str) else list(site)
-                value = torch.cat([trace.nodes[s]["value"] for s in sites], dim=-1)
-                draws.append(value if columns is None else value[..., columns])
-            chunks.append(torch.stack(draws))
-    return _as_numpy(chunks, axis=1)
+    names = [site] if isinstance(site, str) else list(site)
+    plate = getattr(module, "cell_plate", DEFAULT_CELL_PLATE)
+    keep = None if columns is None else torch.as_tensor(np.asarray(columns, dtype=np.int64))
+
+    def observed(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        nodes = [draw.model.nodes[s] for s in names]
+        value = torch.cat([n["value"].movedim(cell_axis(n, plate), 0) for n in nodes], dim=-1)
+        return {"counts": value if keep is None else value.index_select(-1, keep.to(value.device))}
+
+    draws = iterate_posterior(module, data, observed, n_samples, indices, batch_size,
+                              run_model=True, predictive=True)
+    return draws["counts"].cpu().numpy()
 
 
 def marginal_log_likelihood(
@@ -148,22 +400,17 @@ def marginal_log_likelihood(
     numpy.ndarray
         One value per cell.
     """
-    out = []
-    with inference_mode(module):
-        for _, batch in data.iter_minibatches(indices, batch_size):
-            n_cells = batch["x"].shape[0]
-            log_weights = []
-            for _ in range(n_mc_samples):
-                posterior = guide_trace(module, batch)
-                joint = model_trace(module, batch, posterior)
-                posterior.compute_log_prob()
-                joint.compute_log_prob()
-                log_w = torch.zeros(n_cells, device=data.device)
-                for trace, sign in ((joint, 1.0), (posterior, -1.0)):
-                    for node in trace.nodes.values():
-                        if node["type"] == "sample" and node["unscaled_log_prob"].dim() >= 1:
-                            log_w = log_w + sign * node["unscaled_log_prob"]
-                log_weights.append(log_w)
-            stacked = torch.stack(log_weights)
-            out.append(torch.logsumexp(stacked, 0) - math.log(n_mc_samples))
-    return torch.cat(out).cpu().numpy()
+
+    def log_weight(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        draw.guide.compute_log_prob()
+        draw.model.compute_log_prob()
+        log_w = 0.0
+        for trace, sign in ((draw.model, 1.0), (draw.guide, -1.0)):
+            for node in trace.nodes.values():
+                if node["type"] == "sample" and node["unscaled_log_prob"].dim() >= 1:
+                    log_w = log_w + sign * node["unscaled_log_prob"]
+        return {"log_w": log_w}
+
+    log_w = iterate_posterior(module, data, log_weight, n_mc_samples, indices, batch_size,
+                              run_model=True)["log_w"]
+    return (torch.logsumexp(log_w, 0) - math.log(n_mc_samples)).cpu().numpy()

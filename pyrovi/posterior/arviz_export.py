@@ -1,0 +1,168 @@
+"""Export posterior and posterior predictive draws of any pyrovi model to ArviZ."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from pyrovi.posterior.core import posterior_samples
+
+logger = logging.getLogger(__name__)
+
+#: Above this many values (draws × cells × features, all sites) ``to_arviz`` refuses and
+#: asks for fewer cells, features or draws: ArviZ holds everything in memory, densely.
+MAX_VALUES = 500_000_000
+
+
+def _site_coords(model, site: str, gene_positions, protein_positions):
+    """Dimension names (after the cell axis) and coordinates of ``site``, from the module's
+    ``site_dims`` declaration (``None``: undeclared, ArviZ names the dimensions)."""
+    dims = getattr(model.module, "site_dims", {}).get(site)
+    if dims is None:
+        return None, {}
+    coords = {}
+    for dim in dims:
+        if dim == "gene":
+            coords["gene"] = np.asarray(model.var_names[gene_positions], dtype=str)
+        elif dim == "protein":
+            coords["protein"] = np.asarray(
+                np.asarray(model.registry.protein_names)[protein_positions], dtype=str)
+    return list(dims), coords
+
+
+def to_arviz(
+    model,
+    adata=None,
+    n_samples: int = 100,
+    var_names: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
+    gene_list: Sequence[str] | None = None,
+    protein_list: Sequence[str] | None = None,
+    batch_size: int = 1024,
+    seed: int | None = None,
+):
+    """Posterior draws of a trained model as an :class:`arviz.InferenceData`.
+
+    One chain of ``n_samples`` draws from the amortized posterior. Groups:
+
+    - ``posterior``: the latent sites (``z`` with dims ``(cell, latent)``; ``library``
+      ``(cell,)`` when the library size is latent; TotalVI's ``protein_background``
+      ``(cell, protein)``);
+    - ``posterior_predictive``: the observed sites drawn given each posterior draw
+      (``x``: ``(cell, gene)``; TotalVI's ``y``: ``(cell, protein)``), as integers;
+    - ``observed_data``: the counts of the same cells and features;
+    - ``constant_data``: each cell's ``batch`` and, with an observed library size, its
+      ``log_library``.
+
+    so that ``arviz.summary(idata, var_names=["z"])`` and
+    ``arviz.plot_ppc(idata, var_names=["x"])`` work directly. ArviZ keeps every draw in
+    memory as a dense array: choose ``indices``, ``gene_list`` and ``n_samples``
+    accordingly (a call above 5e8 values is refused with that advice).
+
+    Parameters
+    ----------
+    model
+        A trained pyrovi model (``SCVI``, ``LDVAE``, ``TOTALVI``, ...).
+    adata
+        AnnData with the model's genes (default: the training data).
+    n_samples
+        Posterior draws (ArviZ's ``draw`` dimension; one chain).
+    var_names
+        Sites to export (default: every latent site and every observed site).
+    indices
+        Cells of ``adata`` (default: all).
+    gene_list, protein_list
+        Keep only these features of the observed sites.
+    batch_size
+        Cells per forward pass.
+    seed
+        Seed for the draws.
+
+    Returns
+    -------
+    arviz.InferenceData
+
+    Examples
+    --------
+    >>> import arviz as az
+    >>> idata = pyrovi.posterior.to_arviz(model, n_samples=50, indices=range(200))
+    ... # doctest: +SKIP
+    >>> az.summary(idata, var_names=["z"]).head()  # doctest: +SKIP
+    >>> az.plot_ppc(idata, var_names=["x"], num_pp_samples=20)  # doctest: +SKIP
+    """
+    import arviz as az
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    data, cells, adata_used = model._cell_tensors(adata, indices)
+    genes = (np.arange(model.registry.n_vars) if gene_list is None
+             else model._gene_positions(gene_list))
+    proteins = (model._protein_positions(protein_list) if hasattr(model, "_protein_positions")
+                else None)
+    if protein_list is not None and proteins is None:
+        raise ValueError(f"{type(model).__name__} has no proteins; drop protein_list.")
+    columns = {"x": genes} if gene_list is not None else {}
+    if protein_list is not None:
+        columns["y"] = proteins
+
+    module = model.module
+    observed = tuple(getattr(module, "observed_sites", ()) or ())
+    n_features = len(genes) + (0 if proteins is None else len(proteins))
+    n_values = n_samples * len(cells) * (2 * n_features + 4 * module.n_latent)
+    if n_values > MAX_VALUES:
+        raise ValueError(
+            f"Exporting {n_samples} draws of {len(cells)} cells × {n_features} features means "
+            f"about {n_values:.1e} values held densely by ArviZ; pass indices= (fewer cells), "
+            "gene_list= (fewer genes) or a smaller n_samples."
+        )
+    draws = posterior_samples(module, data, var_names, n_samples, batch_size=batch_size,
+                              columns=columns)
+
+    cell_names = np.asarray(adata_used.obs_names[cells], dtype=str)
+    groups: dict[str, dict] = {"posterior": {}, "posterior_predictive": {}, "observed_data": {}}
+    dims: dict[str, list[str]] = {}
+    coords: dict[str, np.ndarray] = {"cell": cell_names}
+    observed_values = {"x": data.counts, "y": data.protein}
+    for site, values in draws.items():
+        site_dims, site_coords = _site_coords(model, site, genes, proteins)
+        coords.update(site_coords)
+        values = values[None]  # one chain
+        if (site_dims is not None and len(site_dims) == values.ndim - 4
+                and values.shape[-1] == 1):
+            values = values[..., 0]  # a per-cell scalar stored with a trailing axis of 1
+            site_dims = site_dims[:-1]
+        if site_dims is not None:
+            dims[site] = ["cell", *site_dims]
+        if site in observed:
+            groups["posterior_predictive"][site] = values.astype(np.int32)
+            matrix = observed_values.get(site)
+            if matrix is not None:
+                index = torch.arange(data.n_obs, device=data.device)
+                counts = matrix.gather(index).cpu().numpy()
+                if site in columns:
+                    counts = counts[:, columns[site]]
+                groups["observed_data"][site] = counts.astype(np.int32)
+        else:
+            groups["posterior"][site] = values
+    constant = {"batch": np.asarray(model.registry.batch_categories, dtype=str)[
+        data.batch_index.cpu().numpy()]}
+    dims["batch"] = ["cell"]
+    if "library" not in draws and getattr(module, "use_observed_lib_size", False):
+        constant["log_library"] = module.observed_log_library(
+            data.counts.gather(torch.arange(data.n_obs, device=data.device)),
+            data.size_factor,
+        )[:, 0].cpu().numpy()
+        dims["log_library"] = ["cell"]
+    if "latent" in {d for ds in dims.values() for d in ds}:
+        coords["latent"] = np.arange(module.n_latent)
+    return az.from_dict(
+        posterior=groups["posterior"] or None,
+        posterior_predictive=groups["posterior_predictive"] or None,
+        observed_data=groups["observed_data"] or None,
+        constant_data=constant,
+        coords=coords,
+        dims=dims,
+    )

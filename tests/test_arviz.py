@@ -1,0 +1,100 @@
+"""ArviZ export of scVI and TotalVI posteriors."""
+
+from __future__ import annotations
+
+import arviz as az
+import matplotlib
+import numpy as np
+import pytest
+
+import pyrovi
+from pyrovi.datasets import simulate_cite_seq, simulate_counts
+from pyrovi.posterior import to_arviz
+
+matplotlib.use("Agg")
+
+
+def dense(matrix) -> np.ndarray:
+    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+
+
+@pytest.fixture(scope="module")
+def scvi_model():
+    adata = simulate_counts(n_cells=150, n_genes=40, n_clusters=3, n_batches=2, seed=2)
+    pyrovi.SCVI.setup_anndata(adata, batch_key="batch")
+    model = pyrovi.SCVI(adata, n_latent=4, gene_likelihood="nb", use_observed_lib_size=False)
+    model.train(max_epochs=30, progress_bar=False, seed=0)
+    return adata, model
+
+
+def test_scvi_export_has_named_groups_and_dims(scvi_model):
+    adata, model = scvi_model
+    cells = np.arange(0, 150, 3)
+    idata = to_arviz(model, n_samples=40, indices=cells, seed=0)
+    assert {"posterior", "posterior_predictive", "observed_data", "constant_data"} <= set(
+        idata.groups())
+    z = idata.posterior["z"]
+    assert z.dims == ("chain", "draw", "cell", "latent")
+    assert z.shape == (1, 40, 50, 4)
+    assert idata.posterior["library"].dims == ("chain", "draw", "cell")
+    x = idata.posterior_predictive["x"]
+    assert x.dims == ("chain", "draw", "cell", "gene")
+    assert list(x.coords["gene"].values) == list(adata.var_names)
+    assert list(x.coords["cell"].values) == list(adata.obs_names[cells])
+    np.testing.assert_array_equal(idata.observed_data["x"].values, dense(adata.X[cells]))
+    assert list(idata.constant_data["batch"].values) == list(adata.obs["batch"].iloc[cells])
+    # The posterior mean of z is the latent representation (a 40-draw Monte Carlo estimate).
+    summary = az.summary(idata, var_names=["z"], kind="stats")
+    assert len(summary) == 50 * 4
+    mean = idata.posterior["z"].mean(("chain", "draw")).values
+    latent = model.get_latent_representation(indices=cells)
+    assert np.abs(mean - latent).max() < 0.5
+    assert np.corrcoef(mean.ravel(), latent.ravel())[0, 1] > 0.98
+    # Posterior predictive gene means follow the observed ones.
+    predicted = x.mean(("chain", "draw", "cell")).values
+    observed = dense(adata.X[cells]).mean(0)
+    assert np.corrcoef(np.log1p(predicted), np.log1p(observed))[0, 1] > 0.9
+    axes = az.plot_ppc(idata, var_names=["x"], num_pp_samples=10, random_seed=0)
+    assert np.size(axes) >= 1
+    matplotlib.pyplot.close("all")
+
+
+def test_scvi_export_subsets_sites_and_genes(scvi_model):
+    adata, model = scvi_model
+    genes = list(adata.var_names[[5, 1, 7]])
+    idata = to_arviz(model, n_samples=5, var_names=["x"], indices=[0, 1, 2], gene_list=genes)
+    assert "posterior" not in idata.groups()
+    assert list(idata.posterior_predictive["x"].coords["gene"].values) == genes
+    np.testing.assert_array_equal(idata.observed_data["x"].values, dense(adata[[0, 1, 2], genes].X))
+    with pytest.raises(ValueError, match="pass indices="):
+        to_arviz(model, n_samples=10**6)
+    with pytest.raises(ValueError, match="has no proteins"):
+        to_arviz(model, n_samples=2, protein_list=["CD3"])
+
+
+def test_totalvi_export_has_protein_groups():
+    adata = simulate_cite_seq(n_cells=120, n_genes=30, n_proteins=5, seed=0)
+    pyrovi.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression",
+                                 batch_key="batch")
+    model = pyrovi.TOTALVI(adata, n_latent=5, n_hidden=32)
+    model.train(max_epochs=5, progress_bar=False, seed=0)
+    idata = to_arviz(model, n_samples=8, seed=0)
+    proteins = list(adata.obsm["protein_expression"].columns)
+    assert idata.posterior["z"].dims == ("chain", "draw", "cell", "latent")
+    background = idata.posterior["protein_background"]
+    assert background.dims == ("chain", "draw", "cell", "protein")
+    assert list(background.coords["protein"].values) == proteins
+    y = idata.posterior_predictive["y"]
+    assert y.dims == ("chain", "draw", "cell", "protein") and y.shape == (1, 8, 120, 5)
+    np.testing.assert_array_equal(idata.observed_data["y"].values,
+                                  adata.obsm["protein_expression"].to_numpy())
+    assert idata.posterior_predictive["x"].shape == (1, 8, 120, 30)
+    # Observed library size: a constant, not a posterior variable.
+    assert "library" not in idata.posterior
+    np.testing.assert_allclose(idata.constant_data["log_library"].values,
+                               np.log(dense(adata.X).sum(1)), rtol=1e-5)
+    assert len(az.summary(idata, var_names=["protein_background"], kind="stats")) == 120 * 5
+    az.plot_ppc(idata, var_names=["y"], num_pp_samples=5, random_seed=0)
+    matplotlib.pyplot.close("all")
+    subset = to_arviz(model, n_samples=2, protein_list=proteins[2:4], var_names=["y"])
+    assert list(subset.posterior_predictive["y"].coords["protein"].values) == proteins[2:4]
