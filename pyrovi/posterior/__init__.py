@@ -22,8 +22,10 @@ from pyrovi.posterior.differential import (
 )
 from pyrovi.posterior.embedding import embedding_metrics
 from pyrovi.posterior.loadings import varimax
+from pyrovi.posterior.ppc import PosteriorPredictiveCheck
 
 __all__ = [
+    "PosteriorPredictiveCheck",
     "bayes_factors",
     "differential_expression",
     "estimate_delta",
