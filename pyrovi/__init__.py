@@ -21,8 +21,10 @@ from pyrovi import (  # noqa: E402
     posterior,
     pp,
     priors,
+    zoo,
 )
 from pyrovi.models import LDVAE, SCVI, TOTALVI  # noqa: E402
+from pyrovi.zoo import load_pretrained  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -31,6 +33,7 @@ __all__ = [
     "SCVI",
     "TOTALVI",
     "__version__",
+    "load_pretrained",
     "data",
     "datasets",
     "distributions",
@@ -40,4 +43,5 @@ __all__ = [
     "posterior",
     "pp",
     "priors",
+    "zoo",
 ]

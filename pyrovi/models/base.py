@@ -79,6 +79,8 @@ class BaseModel(ABC):
         self.is_trained = False
         self.device = torch.device("cpu")
         self._split = None
+        #: Arguments of the last ``train`` call (reported by the model card).
+        self.train_params: dict | None = None
 
     @abstractmethod
     def _build_module(self, adata, registry: AnnDataRegistry, **init_params):
@@ -219,6 +221,13 @@ class BaseModel(ABC):
             type(self).__name__, self.device, len(self.train_indices),
             len(self.validation_indices), max_epochs,
         )
+        self.train_params = {
+            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
+            "train_size": train_size, "validation_size": validation_size,
+            "early_stopping": early_stopping, "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
+            "device": str(self.device), **options,
+        }
         start = 0 if self.history is None else int(self.history.index.max()) + 1
         history = train_svi(
             self.module, data, self.train_indices, self.validation_indices, plan, start
@@ -511,6 +520,34 @@ class BaseModel(ABC):
         values = marginal_log_likelihood(self.module, data, None, n_mc_samples, batch_size or 256)
         return float(values.mean()) if return_mean else values
 
+    # -- model card -----------------------------------------------------------------------
+
+    def card(self, path=None, **kwargs) -> dict:
+        """Write this model's card (Markdown and JSON) and return its content.
+
+        A thin call into :func:`pyrovi.posterior.model_card`, which lists the sections and
+        options (``adata``, ``title``, ``description``, ``reproduce``, ``labels_key``,
+        ``batch_key``, ``n_samples``, ``max_cells``, ``embedding``, ``seed``).
+
+        Parameters
+        ----------
+        path
+            A directory (gets ``README.md`` and ``card.json``) or a ``.md`` file;
+            ``None`` writes nothing.
+
+        Returns
+        -------
+        dict
+            The card's content.
+
+        Examples
+        --------
+        >>> model.card("cards/my_scvi", description="scVI on my PBMCs")  # doctest: +SKIP
+        """
+        from pyrovi.posterior.card import model_card
+
+        return model_card(self, path, **kwargs)
+
     # -- persistence ----------------------------------------------------------------------
 
     def save(
@@ -544,6 +581,7 @@ class BaseModel(ABC):
             "train_indices": self.train_indices,
             "validation_indices": self.validation_indices,
             "is_trained": self.is_trained,
+            "train_params": self.train_params,
         }
         torch.save(checkpoint, os.path.join(dir_path, _CHECKPOINT))
         if save_anndata:
@@ -597,4 +635,5 @@ class BaseModel(ABC):
         model.train_indices = checkpoint["train_indices"]
         model.validation_indices = checkpoint["validation_indices"]
         model.is_trained = checkpoint["is_trained"]
+        model.train_params = checkpoint.get("train_params")
         return model

@@ -1,6 +1,7 @@
 """Posterior utilities shared by every model (``pyrovi.posterior``)."""
 
 from pyrovi.posterior.arviz_export import to_arviz
+from pyrovi.posterior.card import model_card, write_card
 from pyrovi.posterior.core import (
     PosteriorDraw,
     guide_trace,
@@ -42,6 +43,8 @@ __all__ = [
     "PosteriorDraw",
     "iterate_posterior",
     "to_arviz",
+    "model_card",
+    "write_card",
     "varimax",
     "embedding_metrics",
 ]
