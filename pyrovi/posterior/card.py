@@ -34,15 +34,13 @@ _STAT_NAMES = {
 
 def package_versions() -> dict[str, str]:
     """Versions of pyrovi and the packages a model's numbers depend on."""
-    import anndata
-    import pyro
-    import torch
+    from importlib.metadata import version
 
     import pyrovi
 
-    return {"pyrovi": pyrovi.__version__, "pyro-ppl": pyro.__version__,
-            "torch": torch.__version__, "anndata": anndata.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {"pyrovi": pyrovi.__version__,
+            **{name: version(name) for name in ("pyro-ppl", "torch", "anndata", "numpy")},
+            "python": platform.python_version()}
 
 
 def _jsonable(value):
