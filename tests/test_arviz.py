@@ -47,9 +47,9 @@ def test_scvi_export_has_named_groups_and_dims(scvi_model):
     summary = az.summary(idata, var_names=["z"], kind="stats")
     assert len(summary) == 50 * 4
     mean = idata.posterior["z"].mean(("chain", "draw")).values
+    standard_error = idata.posterior["z"].std(("chain", "draw")).values / np.sqrt(40)
     latent = model.get_latent_representation(indices=cells)
-    assert np.abs(mean - latent).max() < 0.5
-    assert np.corrcoef(mean.ravel(), latent.ravel())[0, 1] > 0.98
+    assert (np.abs(mean - latent) < 5 * standard_error).all()
     # Posterior predictive draws average to the model's expected counts, gene by gene.
     predicted = x.mean(("chain", "draw", "cell")).values
     expected = model.get_normalized_expression(indices=cells, library_size="latent",

@@ -109,7 +109,7 @@ def _n_cells(data, indices) -> int:
 def iterate_posterior(
     module,
     data,
-    fn: Callable[[PosteriorDraw], dict[str, torch.Tensor]],
+    fn: Callable[[PosteriorDraw], dict],
     n_samples: int = 1,
     indices: Sequence[int] | None = None,
     batch_size: int = 1024,
@@ -117,7 +117,7 @@ def iterate_posterior(
     predictive: bool = False,
     reduce: str | None = None,
     progress_bar: bool = False,
-) -> dict[str, torch.Tensor]:
+) -> dict:
     """Apply ``fn`` to ``n_samples`` posterior draws of every cell and collect the results.
 
     This is the loop every posterior output of pyrovi runs on: samples of sites, denoised
@@ -131,8 +131,8 @@ def iterate_posterior(
         :class:`~pyrovi.data.CellTensors`, or a mapping ``{argument: per-cell array}``
         whose rows are passed to ``model`` and ``guide`` as keyword arguments.
     fn
-        Called once per minibatch and draw; returns ``{name: tensor}`` with the cells of
-        the minibatch on axis 0.
+        Called once per minibatch and draw; returns ``{key: tensor}`` (any hashable keys)
+        with the cells of the minibatch on axis 0.
     n_samples
         Posterior draws per cell.
     indices
@@ -164,12 +164,12 @@ def iterate_posterior(
         raise ValueError(f"reduce must be None or 'mean', got {reduce!r}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
-    chunks: dict[str, list[torch.Tensor]] = {}
+    chunks: dict = {}
     n_batches = math.ceil(_n_cells(data, indices) / batch_size)
     with inference_mode(module):
         for batch in tqdm(_minibatches(data, indices, batch_size), total=n_batches,
                           disable=not progress_bar, desc="posterior"):
-            draws: dict[str, list[torch.Tensor]] = {}
+            draws: dict = {}
             for _ in range(n_samples):
                 guide = guide_trace(module, batch)
                 model = model_trace(module, batch, guide, predictive) if run_model else None
