@@ -9,7 +9,8 @@ import anndata
 import pytest
 import torch
 
-from pyrovi.datasets import simulate_counts
+import pyrovi
+from pyrovi.datasets import simulate_cite_seq, simulate_counts
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,3 +36,14 @@ def _quiet_and_seeded():
 def small_adata():
     """300 cells × 60 genes, 3 clusters, 2 batches: fast enough for API tests."""
     return simulate_counts(n_cells=300, n_genes=60, n_clusters=3, n_batches=2, seed=1)
+
+
+def small_totalvi(n_cells: int, n_proteins: int, seed: int = 0, max_epochs: int = 5):
+    """A small TotalVI (5 latent, 32 hidden) briefly trained on simulated CITE-seq with two
+    batches and 30 genes: enough to exercise outputs, not to test accuracy."""
+    adata = simulate_cite_seq(n_cells=n_cells, n_genes=30, n_proteins=n_proteins, seed=seed)
+    pyrovi.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression",
+                                 batch_key="batch")
+    model = pyrovi.TOTALVI(adata, n_latent=5, n_hidden=32)
+    model.train(max_epochs=max_epochs, progress_bar=False, seed=0)
+    return adata, model

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 import pyrovi
-from pyrovi.datasets import simulate_cite_seq, simulate_counts
+from pyrovi.datasets import simulate_counts
 from pyrovi.posterior import to_arviz
+
+from .conftest import small_totalvi
 
 matplotlib.use("Agg")
 
@@ -74,11 +76,7 @@ def test_scvi_export_subsets_sites_and_genes(scvi_model):
 
 
 def test_totalvi_export_has_protein_groups():
-    adata = simulate_cite_seq(n_cells=120, n_genes=30, n_proteins=5, seed=0)
-    pyrovi.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression",
-                                 batch_key="batch")
-    model = pyrovi.TOTALVI(adata, n_latent=5, n_hidden=32)
-    model.train(max_epochs=5, progress_bar=False, seed=0)
+    adata, model = small_totalvi(n_cells=120, n_proteins=5)
     idata = to_arviz(model, n_samples=8, seed=0)
     proteins = list(adata.obsm["protein_expression"].columns)
     assert idata.posterior["z"].dims == ("chain", "draw", "cell", "latent")

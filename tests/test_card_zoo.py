@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import pyrovi
-from pyrovi.datasets import simulate_cite_seq, simulate_counts
+from pyrovi.datasets import simulate_counts
 from pyrovi.posterior import PosteriorPredictiveCheck
 from pyrovi.zoo import load_pretrained, model_path, top_variable_genes, train_reference
 
-from .conftest import shared_dataset
+from .conftest import shared_dataset, small_totalvi
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -89,11 +89,7 @@ def test_card_paths_errors_and_missing_metric_dependencies(trained, tmp_path, mo
 
 
 def test_totalvi_card_has_protein_tables():
-    adata = simulate_cite_seq(n_cells=200, n_genes=30, n_proteins=4, seed=0)
-    pyrovi.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression",
-                                 batch_key="batch")
-    model = pyrovi.TOTALVI(adata, n_latent=5, n_hidden=32)
-    model.train(max_epochs=5, progress_bar=False, seed=0)
+    _, model = small_totalvi(n_cells=200, n_proteins=4)
     card = model.card(n_samples=1, embedding=False)
     checks = card["posterior_predictive_checks"]
     assert {"cv_cell", "cv_gene", "cv_cell_protein", "cv_gene_protein"} <= set(checks)

@@ -106,6 +106,11 @@ class AnnDataRegistry:
         return len(self.protein_names)
 
     @property
+    def has_proteins(self) -> bool:
+        """Whether a protein field is registered (multi-modal models)."""
+        return self.protein_expression_obsm_key is not None
+
+    @property
     def n_continuous_covariates(self) -> int:
         """Number of continuous covariates."""
         return len(self.continuous_covariate_keys)
@@ -120,7 +125,7 @@ class AnnDataRegistry:
             "n_extra_categorical_covs": len(self.categorical_covariate_keys),
             "n_extra_continuous_covs": self.n_continuous_covariates,
         }
-        if self.protein_expression_obsm_key is not None:
+        if self.has_proteins:
             summary["n_proteins"] = self.n_proteins
         return summary
 

@@ -224,7 +224,7 @@ def build_cell_tensors(
     if registry.size_factor_key is not None:
         size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
     protein = None
-    if registry.protein_expression_obsm_key is not None:
+    if registry.has_proteins:
         protein = CountMatrix(protein_matrix(adata, registry.protein_expression_obsm_key), device)
     return CellTensors(
         protein=protein,

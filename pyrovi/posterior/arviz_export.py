@@ -100,8 +100,7 @@ def to_arviz(
     data, cells, adata_used = model._cell_tensors(adata, indices)
     genes = (np.arange(model.registry.n_vars) if gene_list is None
              else model._gene_positions(gene_list))
-    proteins = (model._protein_positions(protein_list) if hasattr(model, "_protein_positions")
-                else None)
+    proteins = model._protein_positions(protein_list) if model.registry.has_proteins else None
     if protein_list is not None and proteins is None:
         raise ValueError(f"{type(model).__name__} has no proteins; drop protein_list.")
     columns = {"x": genes} if gene_list is not None else {}
@@ -125,7 +124,8 @@ def to_arviz(
     groups: dict[str, dict] = {"posterior": {}, "posterior_predictive": {}, "observed_data": {}}
     dims: dict[str, list[str]] = {}
     coords: dict[str, np.ndarray] = {"cell": cell_names}
-    observed_values = {"x": data.counts, "y": data.protein}
+    # Every cell's observed arrays, gathered once (counts, proteins, size factors).
+    whole = data.minibatch(torch.arange(data.n_obs, device=data.device))
     for site, values in draws.items():
         site_dims, site_coords = _site_coords(model, site, genes, proteins)
         coords.update(site_coords)
@@ -138,10 +138,8 @@ def to_arviz(
             dims[site] = ["cell", *site_dims]
         if site in observed:
             groups["posterior_predictive"][site] = values.astype(np.int32)
-            matrix = observed_values.get(site)
-            if matrix is not None:
-                index = torch.arange(data.n_obs, device=data.device)
-                counts = matrix.gather(index).cpu().numpy()
+            if whole.get(site) is not None:
+                counts = whole[site].cpu().numpy()
                 if site in columns:
                     counts = counts[:, columns[site]]
                 groups["observed_data"][site] = counts.astype(np.int32)
@@ -152,9 +150,7 @@ def to_arviz(
     dims["batch"] = ["cell"]
     if "library" not in draws and getattr(module, "use_observed_lib_size", False):
         constant["log_library"] = module.observed_log_library(
-            data.counts.gather(torch.arange(data.n_obs, device=data.device)),
-            data.size_factor,
-        )[:, 0].cpu().numpy()
+            whole["x"], whole["size_factor"])[:, 0].cpu().numpy()
         dims["log_library"] = ["cell"]
     if "latent" in {d for ds in dims.values() for d in ds}:
         coords["latent"] = np.arange(module.n_latent)

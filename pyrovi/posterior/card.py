@@ -251,7 +251,7 @@ def model_card(
     if own_data and model.validation_indices is not None and len(model.validation_indices):
         card["training"]["heldout_elbo_per_cell"] = model.get_elbo(
             indices=model.validation_indices)
-    modalities = ["rna", "protein"] if hasattr(model, "protein_names") else [None]
+    modalities = ["rna", "protein"] if model.registry.has_proteins else [None]
     checks = {}
     for modality in modalities:
         suffix = "" if modality in (None, "rna") else f"_{modality}"

@@ -32,7 +32,7 @@ from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from pyrovi.data.tensors import CellTensors
-from pyrovi.infer.objective import inference_mode
+from pyrovi.infer.objective import cell_terms, inference_mode
 from pyrovi.nn.encoder import identity
 
 DEFAULT_CELL_PLATE = "cells"
@@ -404,12 +404,9 @@ def marginal_log_likelihood(
     def log_weight(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
         draw.guide.compute_log_prob()
         draw.model.compute_log_prob()
-        log_w = 0.0
-        for trace, sign in ((draw.model, 1.0), (draw.guide, -1.0)):
-            for node in trace.nodes.values():
-                if node["type"] == "sample" and node["unscaled_log_prob"].dim() >= 1:
-                    log_w = log_w + sign * node["unscaled_log_prob"]
-        return {"log_w": log_w}
+        # log p(x, z) - log q(z | x) is the negative of the per-cell negative ELBO.
+        terms = cell_terms(draw.model, draw.guide, draw.batch["x"].shape[0])
+        return {"log_w": -terms.negative_elbo}
 
     log_w = iterate_posterior(module, data, log_weight, n_mc_samples, indices, batch_size,
                               run_model=True)["log_w"]

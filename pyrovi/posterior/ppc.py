@@ -505,10 +505,6 @@ def _as_matrix(values, sparse: bool, shape: tuple[int, int], what: str) -> Matri
     return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
 
 
-def _has_proteins(model) -> bool:
-    return bool(getattr(getattr(model, "registry", None), "protein_expression_obsm_key", None))
-
-
 # ---------------------------------------------------------------------------------------
 # The check itself.
 # ---------------------------------------------------------------------------------------
@@ -634,7 +630,7 @@ class PosteriorPredictiveCheck:
         if modality not in ("rna", "protein"):
             raise ValueError(f"modality must be None, 'rna' or 'protein', got {modality!r}.")
         if modality == "protein":
-            lacking = [name for name, model in models.items() if not _has_proteins(model)]
+            lacking = [name for name, model in models.items() if not model.registry.has_proteins]
             if lacking:
                 raise ValueError(
                     f"modality='protein' needs models with protein counts (TOTALVI); "
@@ -687,7 +683,7 @@ class PosteriorPredictiveCheck:
         """Posterior predictive samples of one model, drawn in chunks of cells."""
         n_features = len(columns[name])
         width = getattr(model.registry, "n_vars", n_features) + (
-            model.registry.n_proteins if _has_proteins(model) else 0)
+            model.registry.n_proteins if model.registry.has_proteins else 0)
         if batch_size is None:
             batch_size = max(1, _BLOCK_ELEMENTS // max(1, width * n_samples))
         own = flat is model.adata or adata is getattr(model, "mdata", None)
