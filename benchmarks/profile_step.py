@@ -35,7 +35,7 @@ from _common import SHARED, cpu_name, write_section
 import pyrovi
 from pyrovi.data import build_cell_tensors
 from pyrovi.infer.objective import cell_terms, make_elbo
-from pyrovi.infer.training import shuffled_minibatches
+from pyrovi.infer.training import make_adam, shuffled_minibatches
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DATASETS = {
@@ -61,7 +61,7 @@ def pyro_step_phases(model, data, steps: int, batch_size: int) -> dict[str, floa
     module = model.module
     module.train()
     elbo = make_elbo("trace")
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, foreach=True)
+    optimizer = make_adam(list(module.parameters()), lr=1e-3, eps=0.01)
     index = torch.arange(data.n_obs)
     times = {phase: [] for phase in PHASES}
     batches = []
@@ -96,7 +96,7 @@ def plain_torch_step(model, data, steps: int, batch_size: int) -> dict[str, floa
     """The same forward/backward/update without Pyro: median ms (forward, backward+step)."""
     module = model.module
     module.train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, foreach=True)
+    optimizer = make_adam(list(module.parameters()), lr=1e-3, eps=0.01)
     index = torch.arange(data.n_obs)
     forward, rest = [], []
     batches = []

@@ -8,7 +8,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from pyrovi.distributions._functional import log_nb_positive
+from pyrovi.distributions._nb_log_density import log_nb_positive
 from pyrovi.distributions._utils import repr_params
 from pyrovi.distributions.negative_binomial import NegativeBinomial
 

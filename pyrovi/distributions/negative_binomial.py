@@ -7,7 +7,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import Gamma, constraints
 from torch.distributions.utils import broadcast_all
 
-from pyrovi.distributions._functional import log_nb_positive
+from pyrovi.distributions._nb_log_density import log_nb_positive
 
 
 class NegativeBinomial(TorchDistribution):
@@ -20,7 +20,8 @@ class NegativeBinomial(TorchDistribution):
     ``probs = mu / (mu + theta)``.
 
     The log-probability is computed by :func:`~pyrovi.distributions.log_nb_positive`,
-    which stays accurate in float32 for ``theta`` up to at least ``1e6``.
+    which stays accurate in float32 for ``theta`` up to at least ``1e6`` and has a
+    hand-written gradient.
 
     Parameters
     ----------

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions import ZeroInflatedDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from pyrovi.distributions._nb_log_density import log_zinb_positive
 from pyrovi.distributions._utils import repr_params
 from pyrovi.distributions.negative_binomial import NegativeBinomial
 
@@ -127,7 +127,8 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
         """Log-probability of the counts ``value``.
 
         ``log(pi + (1 - pi) * p_nb(0))`` at zero and ``log(1 - pi) + log p_nb(x)`` elsewhere,
-        both computed from the logits.
+        both computed from the logits (as ``logaddexp(logits, log p_nb(0)) - softplus(logits)``
+        and ``log p_nb(x) - softplus(logits)``), with a hand-written gradient.
 
         Parameters
         ----------
@@ -143,10 +144,4 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
             self._validate_sample(value)
         # Always from the logits: the inherited log_prob switches to the less stable
         # probability form as soon as the lazy ``gate`` has been read.
-        logits, value = broadcast_all(self.gate_logits, value)
-        log_nb = self.base_dist.log_prob(value)
-        log_keep = -F.softplus(logits)  # log(1 - pi)
-        log_gate = -F.softplus(-logits)  # log(pi)
-        nonzero = log_keep + log_nb
-        zero = torch.logaddexp(log_gate, nonzero)
-        return torch.where(value == 0, zero, nonzero)
+        return log_zinb_positive(value, self.mu, self.theta, self.gate_logits)
