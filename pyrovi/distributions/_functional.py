@@ -10,9 +10,6 @@ from torch.distributions.utils import broadcast_all
 # matters, drowns in their rounding error (about 1 nat at theta = 1e6 in float32).
 # At theta = 10 the four-term Stirling series below is already accurate to ~1e-12.
 THETA_SWITCH = 10.0
-# Fraction of non-zero counts below which only the non-zero entries are evaluated (index
-# gathers then cost less than dense elementwise work; measured on CPU, see benchmarks/).
-SPARSE_BELOW = 0.3
 
 
 def _stirling_remainder(y: torch.Tensor) -> torch.Tensor:

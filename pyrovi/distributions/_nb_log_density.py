@@ -9,8 +9,8 @@ elementwise derivatives ``d log p / d mu``, ``d log p / d theta`` and
 multiplication per parameter.
 
 Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``,
-and the terms that vanish at ``x = 0`` are evaluated only at the non-zero counts when
-these are rare, with Stirling's series where ``theta`` is large. Derivatives (with
+and the terms that vanish at ``x = 0`` are evaluated only at the non-zero counts, with
+Stirling's series where ``theta`` is large. Derivatives (with
 ``r = mu / theta``)::
 
     d log p0 / d mu    = -1 / (1 + r)
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 from pyrovi.distributions._functional import (
-    SPARSE_BELOW,
     THETA_SWITCH,
     _stirling_rising_excess,
     _unbroadcast,
@@ -131,21 +130,14 @@ def _log_prob_and_derivatives(
         # Share of a zero that the negative binomial explains (the gate explains the rest).
         weight = torch.sub(log_p0, value).exp_() if with_grads else None
 
-    positive = x > 0
-    sparse = int(positive.sum()) <= SPARSE_BELOW * positive.numel()
-    where = torch.nonzero(positive, as_tuple=True) if sparse else positive
-
-    def at(t):
-        return t[where] if sparse else t
-
+    # The terms that vanish at x = 0 are evaluated at the non-zero counts only: their
+    # lgamma/digamma calls cost more than the gathers, even at 50% non-zero (measured).
+    where = torch.nonzero(x > 0, as_tuple=True)
     extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
-        at(x), at(mu), at(theta_full), at(lgamma_theta),
-        None if digamma_theta is None else at(digamma_theta), with_grads,
+        x[where], mu[where], theta_full[where], lgamma_theta[where],
+        None if digamma_theta is None else digamma_theta[where], with_grads,
     )
-    if sparse:
-        value.index_put_(where, log_p0[where] + extra)
-    else:
-        value = torch.where(positive, log_p0 + extra, value)
+    value.index_put_(where, log_p0[where] + extra)
     if zi_logits is not None:
         value.sub_(F.softplus(zi_logits))
     if not with_grads:
@@ -157,19 +149,12 @@ def _log_prob_and_derivatives(
     d_theta = ratio.mul_(inverse).sub_(log1p_ratio)
     d_logits = None
     if zi_logits is not None:
-        if sparse:
-            weight.index_put_(where, torch.ones_like(extra))
-        else:
-            weight.masked_fill_(positive, 1.0)
+        weight.index_put_(where, torch.ones_like(extra))
         d_mu.mul_(weight)
         d_theta.mul_(weight)
         d_logits = torch.sigmoid(zi_logits).add_(weight).neg_().add_(1.0)
-    if sparse:
-        d_mu.index_put_(where, extra_d_mu, accumulate=True)
-        d_theta.index_put_(where, extra_d_theta, accumulate=True)
-    else:
-        d_mu.add_(extra_d_mu)
-        d_theta.add_(extra_d_theta)
+    d_mu.index_put_(where, extra_d_mu, accumulate=True)
+    d_theta.index_put_(where, extra_d_theta, accumulate=True)
     return value, (d_mu, d_theta, d_logits)
 
 
@@ -212,16 +197,16 @@ def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
     x = x.to(mu.dtype)
     if x.device.type == "meta":  # shape-only evaluation
         return torch.empty(x.shape, dtype=mu.dtype, device="meta")
+    if x.dim() == 0:  # the index arithmetic below wants at least one dimension
+        one = _log_count(x.reshape(1), mu.reshape(1), theta.reshape(1),
+                         None if zi_logits is None else zi_logits.reshape(1))
+        return one.reshape(())
     params = [p for p in (mu, theta, zi_logits) if p is not None]
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         value, _ = _log_prob_and_derivatives(
             x, mu, _unbroadcast(theta), zi_logits, with_grads=False
         )
         return value
-    if x.dim() == 0:
-        x, mu, theta = x.reshape(1), mu.reshape(1), theta.reshape(1)
-        zi_logits = None if zi_logits is None else zi_logits.reshape(1)
-        return _CountLogProb.apply(x, mu, theta, zi_logits).reshape(())
     return _CountLogProb.apply(
         x,
         _unbroadcast(mu),
