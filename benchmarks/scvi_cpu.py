@@ -35,7 +35,7 @@ DATASETS = {
 SECTION = "## scVI on CPU: pyrovi vs scvi-tools"
 
 
-def train_scvi_tools(adata, batch_key, epochs, split, seed):
+def train_scvi_tools(adata, batch_key, epochs, split, seed, device="cpu"):
     import scvi
 
     scvi.settings.seed = seed
@@ -45,7 +45,8 @@ def train_scvi_tools(adata, batch_key, epochs, split, seed):
                             gene_likelihood="zinb", dispersion="gene")
     start = time.perf_counter()
     model.train(
-        max_epochs=epochs, batch_size=128, accelerator="cpu", devices=1,
+        max_epochs=epochs, batch_size=128, accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
         check_val_every_n_epoch=1, early_stopping=False, enable_progress_bar=False,
         datasplitter_kwargs={"external_indexing": [split[0], split[1], np.array([], int)]},
     )
@@ -53,7 +54,7 @@ def train_scvi_tools(adata, batch_key, epochs, split, seed):
     return seconds / epochs, model.get_elbo(indices=split[1])
 
 
-def train_pyrovi(adata, batch_key, epochs, split, seed):
+def train_pyrovi(adata, batch_key, epochs, split, seed, device="cpu"):
     import pyrovi
 
     adata = adata.copy()
@@ -62,7 +63,7 @@ def train_pyrovi(adata, batch_key, epochs, split, seed):
     model = pyrovi.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, dropout_rate=0.1,
                         gene_likelihood="zinb", dispersion="gene")
     start = time.perf_counter()
-    model.train(max_epochs=epochs, batch_size=128, device="cpu", progress_bar=False, seed=seed,
+    model.train(max_epochs=epochs, batch_size=128, device=device, progress_bar=False, seed=seed,
                 train_indices=split[0], validation_indices=split[1])
     seconds = time.perf_counter() - start
     return seconds / epochs, model.get_elbo(indices=split[1])

@@ -182,6 +182,36 @@ def test_sparse_matrix_is_not_densified():
     np.testing.assert_array_equal(matrix.gather(rows).numpy(), X[rows.numpy()].toarray())
 
 
+def test_cpu_count_matrix_shares_the_csr_arrays():
+    # No second copy of a large matrix: values (float32) and column indices (int32) are
+    # the AnnData's own arrays.
+    X = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    matrix = CountMatrix(X, "cpu")
+    assert np.shares_memory(matrix.data.numpy(), X.data)
+    assert np.shares_memory(matrix.indices.numpy(), X.indices)
+    index = torch.tensor([499, 0, 250])
+    np.testing.assert_array_equal(matrix.gather(index).numpy(), X[index.numpy()].toarray())
+
+
+def test_training_and_embedding_never_densify_the_whole_matrix(small_adata, monkeypatch):
+    small_adata.X = sp.csr_matrix(small_adata.X)
+    n_cells = small_adata.n_obs
+
+    def guarded(original):
+        def densify(self, *args, **kwargs):
+            assert self.shape[0] < n_cells, "the whole count matrix was densified"
+            return original(self, *args, **kwargs)
+        return densify
+
+    for cls in (sp.csr_matrix, sp.csr_array, sp.csc_matrix, sp.csc_array):
+        monkeypatch.setattr(cls, "toarray", guarded(cls.toarray))
+        monkeypatch.setattr(cls, "todense", guarded(cls.todense))
+    pyrovi.SCVI.setup_anndata(small_adata, batch_key="batch")
+    model = pyrovi.SCVI(small_adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    assert model.get_latent_representation(batch_size=64).shape == (n_cells, 4)
+
+
 def test_duplicate_gene_names_are_rejected(small_adata):
     small_adata.var_names = ["g"] * 2 + list(small_adata.var_names[2:])
     with pytest.raises(SetupError, match="var_names_make_unique"):

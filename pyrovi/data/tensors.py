@@ -52,7 +52,12 @@ class CountMatrix:
                 csr.sum_duplicates()
             self.is_sparse = True
             self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
-            self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=self.device)
+            # Column indices stay int32 (what scipy stores for < 2**31 features) and the
+            # values float32: on the CPU both then share memory with the AnnData's matrix
+            # instead of doubling it (1M cells x 2,000 genes at 15% non-zero: 2.4 GB saved).
+            self.indices = torch.as_tensor(
+                np.asarray(csr.indices, dtype=np.int32), device=self.device
+            )
             self.data = torch.as_tensor(np.asarray(csr.data, dtype=np.float32), device=self.device)
         else:
             self.is_sparse = False

@@ -36,7 +36,6 @@ from pyrovi.distributions._functional import (
     THETA_SWITCH,
     _stirling_rising_excess,
     _unbroadcast,
-    _x_log_mu,
 )
 
 
@@ -73,32 +72,48 @@ def _nonzero_terms_and_derivatives(
     digamma_theta: torch.Tensor | None,
     with_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``E = log p(x) - log p(0)`` and its derivatives in ``mu`` and ``theta``.
+    """``E = log p(x) - log p(0)`` and its derivatives in ``mu`` and ``theta``, for ``x > 0``.
 
     ``lgamma_theta``/``digamma_theta`` are those functions of ``theta`` clamped to at most
-    ``THETA_SWITCH`` (computed once per gene by the caller). ``E`` and both derivatives are
-    0 at ``x = 0``. Where ``mu = 0 < x`` the value is ``-inf`` and the derivatives are 0
-    (the entry is impossible whatever ``mu`` is).
+    ``THETA_SWITCH`` (computed once per gene by the caller). Where ``mu = 0`` the value is
+    ``-inf`` and the derivatives are 0 (the entry is impossible whatever ``mu`` is).
     """
+    possible = mu > 0
+    x_log_mu = torch.where(possible, x * mu.clamp(min=torch.finfo(mu.dtype).tiny).log(), -torch.inf)
     lgamma_x1 = torch.lgamma(x + 1.0)
-    x_log_mu = _x_log_mu(x, mu)
     theta_small = theta.clamp(max=THETA_SWITCH)
-    log_theta_mu = torch.log(theta_small + mu)
-    value = torch.lgamma(x + theta_small) - lgamma_theta - lgamma_x1 + x_log_mu - x * log_theta_mu
+    x_theta_small = x + theta_small
+    value = torch.lgamma(x_theta_small).sub_(lgamma_theta).sub_(lgamma_x1).add_(x_log_mu)
+    value.sub_(x * torch.log(theta_small + mu))
     d_mu = d_theta = None
     if with_grads:
-        theta_mu = theta + mu
-        d_mu = torch.where(mu > 0, x * theta / (mu * theta_mu), 0.0)
-        d_theta = torch.digamma(x + theta_small) - digamma_theta - x / theta_mu
-    large = torch.nonzero(theta > THETA_SWITCH, as_tuple=True)
-    if large[0].numel():
+        x_over_theta_mu = x / (theta + mu)
+        d_mu = torch.where(possible, x_over_theta_mu * theta / mu, 0.0)
+        d_theta = torch.digamma(x_theta_small).sub_(digamma_theta).sub_(x_over_theta_mu)
+    large = torch.nonzero(theta > THETA_SWITCH).squeeze(1)
+    if large.numel():
         # lgamma(x + theta) - lgamma(theta) drowns in rounding error for large theta.
-        at = (x[large], mu[large], theta[large], lgamma_x1[large], x_log_mu[large])
+        at = [t.index_select(0, large) for t in (x, mu, theta, lgamma_x1, x_log_mu)]
         large_value, large_d_theta = _stirling_terms(*at, with_grads)
-        value = value.index_put_(large, large_value)
+        value.index_copy_(0, large, large_value)
         if with_grads:
-            d_theta = d_theta.index_put_(large, large_d_theta)
+            d_theta.index_copy_(0, large, large_d_theta)
     return value, d_mu, d_theta
+
+
+def _gather_flat(
+    t: torch.Tensor, flat: torch.Tensor, columns: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """Entries ``flat`` (positions in the flattened ``shape``) of ``t`` broadcast to ``shape``.
+
+    A per-gene vector is gathered by ``columns`` (``flat % n_genes``) without materialising
+    its broadcast.
+    """
+    if t.shape == shape and t.is_contiguous():
+        return t.view(-1).index_select(0, flat)
+    if t.shape[-1:] == shape[-1:] and t.numel() == shape[-1]:
+        return t.reshape(-1).index_select(0, columns)
+    return t.expand(shape).reshape(-1).index_select(0, flat)
 
 
 def _log_prob_and_derivatives(
@@ -115,10 +130,9 @@ def _log_prob_and_derivatives(
     (``None`` where not computed), all of the full shape.
     """
     shape = x.shape
-    theta_full = theta.expand(shape)
     theta_small = theta.clamp(max=THETA_SWITCH)
-    lgamma_theta = torch.lgamma(theta_small).expand(shape)
-    digamma_theta = torch.digamma(theta_small).expand(shape) if with_grads else None
+    lgamma_theta = torch.lgamma(theta_small)
+    digamma_theta = torch.digamma(theta_small) if with_grads else None
 
     ratio = mu * theta.reciprocal()
     log1p_ratio = torch.log1p(ratio)
@@ -132,29 +146,35 @@ def _log_prob_and_derivatives(
 
     # The terms that vanish at x = 0 are evaluated at the non-zero counts only: their
     # lgamma/digamma calls cost more than the gathers, even at 50% non-zero (measured).
-    where = torch.nonzero(x > 0, as_tuple=True)
+    flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+    columns = flat % shape[-1]
+
+    def at(t):
+        return _gather_flat(t, flat, columns, shape)
+
     extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
-        x[where], mu[where], theta_full[where], lgamma_theta[where],
-        None if digamma_theta is None else digamma_theta[where], with_grads,
+        at(x), at(mu), at(theta), at(lgamma_theta),
+        None if digamma_theta is None else at(digamma_theta), with_grads,
     )
-    value.index_put_(where, log_p0[where] + extra)
+    value = value.contiguous()
+    value.view(-1).index_copy_(0, flat, extra.add_(at(log_p0)))
     if zi_logits is not None:
         value.sub_(F.softplus(zi_logits))
     if not with_grads:
         return value, (None, None, None)
 
     inverse = ratio.add(1.0).reciprocal_()
-    d_mu = inverse.neg()
     # r / (1 + r) rather than 1 - 1 / (1 + r), which cancels when mu << theta.
-    d_theta = ratio.mul_(inverse).sub_(log1p_ratio)
+    d_theta = ratio.mul_(inverse).sub_(log1p_ratio).contiguous()
+    d_mu = inverse.neg_().contiguous()
     d_logits = None
     if zi_logits is not None:
-        weight.index_put_(where, torch.ones_like(extra))
+        weight.view(-1).index_fill_(0, flat, 1.0)
         d_mu.mul_(weight)
         d_theta.mul_(weight)
         d_logits = torch.sigmoid(zi_logits).add_(weight).neg_().add_(1.0)
-    d_mu.index_put_(where, extra_d_mu, accumulate=True)
-    d_theta.index_put_(where, extra_d_theta, accumulate=True)
+    d_mu.view(-1).index_add_(0, flat, extra_d_mu)
+    d_theta.view(-1).index_add_(0, flat, extra_d_theta)
     return value, (d_mu, d_theta, d_logits)
 
 
