@@ -71,14 +71,17 @@ def _nonzero_terms_and_derivatives(
     lgamma_theta: torch.Tensor,
     digamma_theta: torch.Tensor | None,
     with_grads: bool,
+    dense: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``E = log p(x) - log p(0)`` and its derivatives in ``mu`` and ``theta``, for ``x > 0``.
 
     ``lgamma_theta``/``digamma_theta`` are those functions of ``theta`` clamped to at most
     ``THETA_SWITCH`` (computed once per gene by the caller). Where ``mu = 0`` the value is
-    ``-inf`` and the derivatives are 0 (the entry is impossible whatever ``mu`` is).
+    ``-inf`` and the derivatives are 0 (the entry is impossible whatever ``mu`` is). With
+    ``dense``, ``x`` may hold zeros (where everything is 0) and the Stirling branch is
+    selected by ``where`` instead of by index, so that nothing waits for the device.
     """
-    possible = mu > 0
+    possible = (mu > 0) | (x == 0) if dense else mu > 0
     x_log_mu = torch.where(possible, x * mu.clamp(min=torch.finfo(mu.dtype).tiny).log(), -torch.inf)
     lgamma_x1 = torch.lgamma(x + 1.0)
     theta_small = theta.clamp(max=THETA_SWITCH)
@@ -88,8 +91,16 @@ def _nonzero_terms_and_derivatives(
     d_mu = d_theta = None
     if with_grads:
         x_over_theta_mu = x / (theta + mu)
-        d_mu = torch.where(possible, x_over_theta_mu * theta / mu, 0.0)
+        d_mu = torch.where(mu > 0, x_over_theta_mu * theta / mu, 0.0)
         d_theta = torch.digamma(x_theta_small).sub_(digamma_theta).sub_(x_over_theta_mu)
+    if dense:
+        large = theta > THETA_SWITCH
+        at = (x, mu, theta.clamp(min=THETA_SWITCH), lgamma_x1, x_log_mu)
+        large_value, large_d_theta = _stirling_terms(*at, with_grads)
+        value = torch.where(large, large_value, value)
+        if with_grads:
+            d_theta = torch.where(large, large_d_theta, d_theta)
+        return value, d_mu, d_theta
     large = torch.nonzero(theta > THETA_SWITCH).squeeze(1)
     if large.numel():
         # lgamma(x + theta) - lgamma(theta) drowns in rounding error for large theta.
@@ -116,6 +127,50 @@ def _gather_flat(
     return t.expand(shape).reshape(-1).index_select(0, flat)
 
 
+def gathers_nonzero(x: torch.Tensor) -> bool:
+    """Whether the terms that vanish at zero are evaluated at the gathered non-zero counts.
+
+    On the CPU, yes (it saves their lgamma/digamma work at every zero). On accelerators the
+    elementwise work is cheap and finding the non-zeros would make the host wait for the
+    device at every step, so every entry is evaluated instead.
+    """
+    return x.device.type == "cpu"
+
+
+def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits):
+    """``d log p0 / d mu`` and ``d log p0 / d theta`` (weighted), and ``d / d zi_logits``."""
+    inverse = ratio.add(1.0).reciprocal_()
+    # r / (1 + r) rather than 1 - 1 / (1 + r), which cancels when mu << theta.
+    d_theta = ratio.mul_(inverse).sub_(log1p_ratio).contiguous()
+    d_mu = inverse.neg_().contiguous()
+    d_logits = None
+    if zi_logits is not None:
+        d_mu.mul_(weight)
+        d_theta.mul_(weight)
+        d_logits = torch.sigmoid(zi_logits).add_(weight).neg_().add_(1.0)
+    return d_mu, d_theta, d_logits
+
+
+def _dense_nonzero_terms(
+    x, mu, theta, zi_logits, lgamma_theta, digamma_theta, value, weight, log_p0, ratio,
+    log1p_ratio, with_grads,
+):
+    """The rest of :func:`_log_prob_and_derivatives`, evaluated at every entry."""
+    positive = x > 0
+    extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
+        x, mu, theta, lgamma_theta, digamma_theta, with_grads, dense=True
+    )
+    value = torch.where(positive, log_p0 + extra, value)
+    if zi_logits is not None:
+        value = value - F.softplus(zi_logits)
+    if not with_grads:
+        return value, (None, None, None)
+    if weight is not None:
+        weight = weight.masked_fill_(positive, 1.0)
+    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits)
+    return value, (d_mu.add_(extra_d_mu), d_theta.add_(extra_d_theta), d_logits)
+
+
 def _log_prob_and_derivatives(
     x: torch.Tensor,
     mu: torch.Tensor,
@@ -139,11 +194,17 @@ def _log_prob_and_derivatives(
     log_p0 = log1p_ratio * theta.neg()
     if zi_logits is None:
         value = log_p0.clone()
+        weight = None
     else:
         value = torch.logaddexp(zi_logits, log_p0)
         # Share of a zero that the negative binomial explains (the gate explains the rest).
         weight = torch.sub(log_p0, value).exp_() if with_grads else None
 
+    if not gathers_nonzero(x):
+        return _dense_nonzero_terms(
+            x, mu, theta, zi_logits, lgamma_theta, digamma_theta, value, weight, log_p0,
+            ratio, log1p_ratio, with_grads,
+        )
     # The terms that vanish at x = 0 are evaluated at the non-zero counts only: their
     # lgamma/digamma calls cost more than the gathers, even at 50% non-zero (measured).
     flat = torch.nonzero(x.reshape(-1)).squeeze(1)
@@ -163,16 +224,9 @@ def _log_prob_and_derivatives(
     if not with_grads:
         return value, (None, None, None)
 
-    inverse = ratio.add(1.0).reciprocal_()
-    # r / (1 + r) rather than 1 - 1 / (1 + r), which cancels when mu << theta.
-    d_theta = ratio.mul_(inverse).sub_(log1p_ratio).contiguous()
-    d_mu = inverse.neg_().contiguous()
-    d_logits = None
-    if zi_logits is not None:
+    if weight is not None:
         weight.view(-1).index_fill_(0, flat, 1.0)
-        d_mu.mul_(weight)
-        d_theta.mul_(weight)
-        d_logits = torch.sigmoid(zi_logits).add_(weight).neg_().add_(1.0)
+    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits)
     d_mu.view(-1).index_add_(0, flat, extra_d_mu)
     d_theta.view(-1).index_add_(0, flat, extra_d_theta)
     return value, (d_mu, d_theta, d_logits)

@@ -1,8 +1,10 @@
 """The ELBO objective and its per-cell terms, read off Pyro traces.
 
-Gradients come from Pyro's own estimators (``Trace_ELBO``, ``TraceMeanField_ELBO``); this
-module only adds a per-cell breakdown (reconstruction, KL) for monitoring and evaluation,
-taken from the same traces, so monitoring costs no extra model evaluation.
+Gradients come from Pyro's own estimators (``Trace_ELBO``, ``TraceMeanField_ELBO``): their
+traces, and for ``Trace_ELBO`` the same surrogate loss computed without reading values
+back to the host. This module adds a per-cell breakdown (reconstruction, KL) for
+monitoring and evaluation, taken from the same traces, so monitoring costs no extra model
+evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer.util import is_identically_zero
 from pyro.poutine import Trace
 
 ELBO_CLASSES = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -78,6 +82,45 @@ def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerm
     return CellTerms(as_vector(reconstruction), as_vector(kl))
 
 
+def trace_elbo_surrogate_loss(model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
+    """``Trace_ELBO``'s differentiable surrogate loss of one particle, without host syncs.
+
+    The same quantity as ``Trace_ELBO._differentiable_loss_particle(...)[1]``: minus the
+    model's log-density, plus the guide's entropy terms, minus the score-function terms of
+    guide sites that are not reparameterised. Pyro's method also returns the ELBO's value
+    as a Python float, reading every site's log-density back from the device (``.item()``)
+    at every step; on a GPU that stalls the loop, and training never uses that float.
+
+    Parameters
+    ----------
+    model_trace, guide_trace
+        Traces with their log-densities and score parts computed (as Pyro's
+        ``Trace_ELBO._get_traces`` returns them).
+
+    Returns
+    -------
+    torch.Tensor
+        The surrogate loss, a differentiable scalar.
+    """
+    surrogate = 0.0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            surrogate = surrogate + site["log_prob_sum"]
+    log_r = None
+    for site in guide_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        _, score_function_term, entropy_term = site["score_parts"]
+        if not is_identically_zero(entropy_term):
+            surrogate = surrogate - entropy_term.sum()
+        if not is_identically_zero(score_function_term):
+            if log_r is None:
+                log_r = _compute_log_r(model_trace, guide_trace)
+            weight = log_r.sum_to(site["cond_indep_stack"])
+            surrogate = surrogate + (weight * score_function_term).sum()
+    return -surrogate
+
+
 def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, CellTerms]:
     """Differentiable ELBO loss of one call, plus its per-cell terms.
 
@@ -100,7 +143,10 @@ def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, Ce
     reconstruction = 0.0
     kl = 0.0
     for model_trace, guide_trace in elbo._get_traces(model, guide, (), kwargs):
-        _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
+        if type(elbo) is Trace_ELBO:
+            surrogate = trace_elbo_surrogate_loss(model_trace, guide_trace)
+        else:
+            _, surrogate = elbo._differentiable_loss_particle(model_trace, guide_trace)
         terms = cell_terms(model_trace, guide_trace, n_cells)
         loss = loss + surrogate / elbo.num_particles
         reconstruction = reconstruction + terms.reconstruction / elbo.num_particles
