@@ -546,3 +546,13 @@ def test_device_agnostic():
     for theta_value in (0.5, 1e6):  # both branches of log_nb_positive
         lp = log_nb_positive(x, mu, torch.full((3,), theta_value, device=device))
         assert lp.device.type == device.type
+
+
+def test_log_factorial_table_matches_lgamma_and_falls_back():
+    from pyrovi.distributions._nb_log_density import _log_factorial
+
+    for values in ([0.0, 1.0, 7.0, 1000.0, 65535.0], [3.0, 70000.0], [2.5, 4.0]):
+        x = torch.tensor(values, dtype=torch.float64)
+        torch.testing.assert_close(_log_factorial(x), torch.lgamma(x + 1), rtol=1e-12, atol=0)
+    x32 = torch.tensor([0.0, 5.0, 40000.0])
+    torch.testing.assert_close(_log_factorial(x32), torch.lgamma(x32.double() + 1).float())

@@ -64,6 +64,28 @@ def _stirling_terms(x, mu, theta, lgamma_x1, x_log_mu, with_grads: bool):
     return value, d_theta
 
 
+_FACTORIAL_TABLE_SIZE = 2**16
+_log_factorial_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _log_factorial(x: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + 1)``, from a table when every count is an integer below 65,536.
+
+    A table lookup costs a fifth of ``lgamma`` on the CPU; other values (rare large
+    counts, or non-integer input) take ``lgamma``.
+    """
+    if x.numel() == 0:
+        return x.clone()
+    as_index = x.long()
+    if float(x.max()) >= _FACTORIAL_TABLE_SIZE or not torch.equal(as_index.to(x.dtype), x):
+        return torch.lgamma(x + 1.0)
+    key = (x.dtype, x.device)
+    if key not in _log_factorial_tables:
+        counts = torch.arange(_FACTORIAL_TABLE_SIZE, dtype=torch.float64)
+        _log_factorial_tables[key] = torch.lgamma(counts + 1.0).to(x.dtype).to(x.device)
+    return _log_factorial_tables[key].index_select(0, as_index)
+
+
 def _nonzero_terms_and_derivatives(
     x: torch.Tensor,
     mu: torch.Tensor,
@@ -83,7 +105,7 @@ def _nonzero_terms_and_derivatives(
     """
     possible = (mu > 0) | (x == 0) if dense else mu > 0
     x_log_mu = torch.where(possible, x * mu.clamp(min=torch.finfo(mu.dtype).tiny).log(), -torch.inf)
-    lgamma_x1 = torch.lgamma(x + 1.0)
+    lgamma_x1 = torch.lgamma(x + 1.0) if dense else _log_factorial(x)
     theta_small = theta.clamp(max=THETA_SWITCH)
     x_theta_small = x + theta_small
     value = torch.lgamma(x_theta_small).sub_(lgamma_theta).sub_(lgamma_x1).add_(x_log_mu)
@@ -137,7 +159,7 @@ def gathers_nonzero(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits):
+def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_logits):
     """``d log p0 / d mu`` and ``d log p0 / d theta`` (weighted), and ``d / d zi_logits``."""
     inverse = ratio.add(1.0).reciprocal_()
     # r / (1 + r) rather than 1 - 1 / (1 + r), which cancels when mu << theta.
@@ -147,7 +169,8 @@ def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits):
     if zi_logits is not None:
         d_mu.mul_(weight)
         d_theta.mul_(weight)
-        d_logits = torch.sigmoid(zi_logits).add_(weight).neg_().add_(1.0)
+        # sigmoid(l) = exp(l - softplus(l)): one exp instead of a (slower) sigmoid.
+        d_logits = torch.sub(zi_logits, softplus_logits).exp_().add_(weight).neg_().add_(1.0)
     return d_mu, d_theta, d_logits
 
 
@@ -161,13 +184,16 @@ def _dense_nonzero_terms(
         x, mu, theta, lgamma_theta, digamma_theta, with_grads, dense=True
     )
     value = torch.where(positive, log_p0 + extra, value)
+    softplus_logits = None
     if zi_logits is not None:
-        value = value - F.softplus(zi_logits)
+        softplus_logits = F.softplus(zi_logits)
+        value = value - softplus_logits
     if not with_grads:
         return value, (None, None, None)
     if weight is not None:
         weight = weight.masked_fill_(positive, 1.0)
-    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits)
+    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(
+        ratio, log1p_ratio, weight, zi_logits, softplus_logits)
     return value, (d_mu.add_(extra_d_mu), d_theta.add_(extra_d_theta), d_logits)
 
 
@@ -194,7 +220,7 @@ def _log_prob_and_derivatives(
     log_p0 = log1p_ratio * theta.neg()
     if zi_logits is None:
         value = log_p0.clone()
-        weight = None
+        weight = softplus_logits = None
     else:
         value = torch.logaddexp(zi_logits, log_p0)
         # Share of a zero that the negative binomial explains (the gate explains the rest).
@@ -207,7 +233,7 @@ def _log_prob_and_derivatives(
         )
     # The terms that vanish at x = 0 are evaluated at the non-zero counts only: their
     # lgamma/digamma calls cost more than the gathers, even at 50% non-zero (measured).
-    flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+    flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)  # (on bool: 2x faster than on float)
     columns = flat % shape[-1]
 
     def at(t):
@@ -220,13 +246,15 @@ def _log_prob_and_derivatives(
     value = value.contiguous()
     value.view(-1).index_copy_(0, flat, extra.add_(at(log_p0)))
     if zi_logits is not None:
-        value.sub_(F.softplus(zi_logits))
+        softplus_logits = F.softplus(zi_logits)
+        value.sub_(softplus_logits)
     if not with_grads:
         return value, (None, None, None)
 
     if weight is not None:
         weight.view(-1).index_fill_(0, flat, 1.0)
-    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits)
+    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(
+        ratio, log1p_ratio, weight, zi_logits, softplus_logits)
     d_mu.view(-1).index_add_(0, flat, extra_d_mu)
     d_theta.view(-1).index_add_(0, flat, extra_d_theta)
     return value, (d_mu, d_theta, d_logits)
