@@ -8,9 +8,11 @@ elementwise derivatives ``d log p / d mu``, ``d log p / d theta`` and
 ``d log p / d zi_logits`` from shared intermediates, and the backward pass is one
 multiplication per parameter.
 
-Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``,
-and the terms that vanish at ``x = 0`` are evaluated only at the non-zero counts, with
-Stirling's series where ``theta`` is large. Derivatives (with
+Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``;
+the terms that vanish at ``x = 0`` (lgamma, digamma) are evaluated on the CPU only at the
+non-zero counts, gathered by index, and on accelerators at every entry (no index search,
+so the host never waits for the device), with Stirling's series where ``theta`` is large.
+Functions of ``theta`` alone are computed once per gene. Derivatives (with
 ``r = mu / theta``)::
 
     d log p0 / d mu    = -1 / (1 + r)
