@@ -216,3 +216,18 @@ def test_duplicate_gene_names_are_rejected(small_adata):
     small_adata.var_names = ["g"] * 2 + list(small_adata.var_names[2:])
     with pytest.raises(SetupError, match="var_names_make_unique"):
         pyrovi.SCVI.setup_anndata(small_adata)
+
+
+@pytest.mark.parametrize("value", [np.nan, -1.0, 2.5])
+def test_sparse_values_are_checked_in_chunks_to_the_last_one(small_adata, monkeypatch, value):
+    # Chunks of 7 stored values: a bad value in the last chunk is still found.
+    from pyrovi.data import validation
+
+    monkeypatch.setattr(validation, "_SPARSE_CHUNK_VALUES", 7)
+    X = sp.csr_matrix(small_adata.X, dtype=np.float32)
+    X.data[-1] = value
+    small_adata.X = X
+    before = snapshot(small_adata)
+    with pytest.raises(CountDataError):
+        pyrovi.SCVI.setup_anndata(small_adata, batch_key="batch")
+    assert_unchanged(small_adata, before)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-# Rows checked at a time for dense input, so temporary boolean masks stay small.
+# Rows checked at a time for dense input, and stored values at a time for sparse input, so
+# that temporaries (masks, rounded copies) stay small next to the matrix.
 _DENSE_CHUNK_ROWS = 8192
+_SPARSE_CHUNK_VALUES = 2**24
 
 
 class CountDataError(ValueError):
@@ -20,7 +22,9 @@ class CountDataError(ValueError):
 def _value_blocks(matrix):
     """Yield blocks of stored values (non-zeros for sparse, row chunks for dense)."""
     if sp.issparse(matrix):
-        yield np.asarray(matrix.data)
+        values = np.asarray(matrix.data)
+        for start in range(0, values.size, _SPARSE_CHUNK_VALUES):
+            yield values[start : start + _SPARSE_CHUNK_VALUES]
         return
     array = np.asarray(matrix) if not hasattr(matrix, "shape") else matrix
     for start in range(0, array.shape[0], _DENSE_CHUNK_ROWS):
