@@ -69,7 +69,7 @@ def train_pyrovi(adata, batch_key, epochs, split, seed, device="cpu"):
     return seconds / epochs, model.get_elbo(indices=split[1])
 
 
-def run(datasets, runs, epochs_override):
+def run(datasets, runs, epochs_override, device="cpu"):
     rows = []
     for name in datasets:
         file, batch_key, epochs = DATASETS[name]
@@ -79,12 +79,13 @@ def run(datasets, runs, epochs_override):
         adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
         split = train_validation_split(adata.n_obs)
         results, summary = alternate_runs(name, runs, {
-            "scvi-tools": partial(train_scvi_tools, adata, batch_key, epochs, split),
-            "pyrovi": partial(train_pyrovi, adata, batch_key, epochs, split),
+            "scvi-tools": partial(train_scvi_tools, adata, batch_key, epochs, split,
+                                  device=device),
+            "pyrovi": partial(train_pyrovi, adata, batch_key, epochs, split, device=device),
         })
         rows.append({
             "dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs,
-            "runs": runs, **summary,
+            "runs": runs, "train_cells": len(split[0]), **summary,
             "raw": results,
         })
     return rows
