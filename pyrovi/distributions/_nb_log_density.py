@@ -176,27 +176,49 @@ def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_l
     return d_mu, d_theta, d_logits
 
 
-def _dense_nonzero_terms(
-    x, mu, theta, zi_logits, lgamma_theta, digamma_theta, value, weight, log_p0, ratio,
-    log1p_ratio, with_grads,
-):
-    """The rest of :func:`_log_prob_and_derivatives`, evaluated at every entry."""
-    positive = x > 0
-    extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
-        x, mu, theta, lgamma_theta, digamma_theta, with_grads, dense=True
-    )
-    value = torch.where(positive, log_p0 + extra, value)
-    softplus_logits = None
-    if zi_logits is not None:
-        softplus_logits = F.softplus(zi_logits)
-        value = value - softplus_logits
-    if not with_grads:
-        return value, (None, None, None)
-    if weight is not None:
-        weight = weight.masked_fill_(positive, 1.0)
-    d_mu, d_theta, d_logits = _derivatives_of_zero_terms(
-        ratio, log1p_ratio, weight, zi_logits, softplus_logits)
-    return value, (d_mu.add_(extra_d_mu), d_theta.add_(extra_d_theta), d_logits)
+class _ZeroTermPositions:
+    """Where the terms that vanish at zero are evaluated, and how results go back.
+
+    Gathered (the CPU): the non-zero counts are found once and everything else is index
+    arithmetic on them. Dense (accelerators): every entry is evaluated and ``where`` picks
+    the non-zero ones, so that nothing waits for the device. See :func:`gathers_nonzero`.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.shape = x.shape
+        self.dense = not gathers_nonzero(x)
+        if self.dense:
+            self.positive = x > 0
+        else:
+            # nonzero() on a bool mask is 2x faster than on the float counts.
+            self.flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
+            self.columns = self.flat % self.shape[-1]
+
+    def at(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (broadcastable to the counts) at the evaluated positions."""
+        return t if self.dense else _gather_flat(t, self.flat, self.columns, self.shape)
+
+    def put(self, target: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``target`` with the non-zero positions replaced by ``values``."""
+        if self.dense:
+            return torch.where(self.positive, values, target)
+        target = target.contiguous()
+        target.view(-1).index_copy_(0, self.flat, values)
+        return target
+
+    def fill_one(self, target: torch.Tensor) -> torch.Tensor:
+        """``target`` with 1 at the non-zero positions (in place)."""
+        if self.dense:
+            return target.masked_fill_(self.positive, 1.0)
+        target.view(-1).index_fill_(0, self.flat, 1.0)
+        return target
+
+    def add(self, target: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``target`` plus ``values`` at the non-zero positions (in place)."""
+        if self.dense:
+            return target.add_(values)
+        target.view(-1).index_add_(0, self.flat, values)
+        return target
 
 
 def _log_prob_and_derivatives(
@@ -212,7 +234,6 @@ def _log_prob_and_derivatives(
     (typically one value per gene). Returns the value and ``(d_mu, d_theta, d_zi_logits)``
     (``None`` where not computed), all of the full shape.
     """
-    shape = x.shape
     theta_small = theta.clamp(max=THETA_SWITCH)
     lgamma_theta = torch.lgamma(theta_small)
     digamma_theta = torch.digamma(theta_small) if with_grads else None
@@ -222,31 +243,23 @@ def _log_prob_and_derivatives(
     log_p0 = log1p_ratio * theta.neg()
     if zi_logits is None:
         value = log_p0.clone()
-        weight = softplus_logits = None
+        weight = None
     else:
         value = torch.logaddexp(zi_logits, log_p0)
         # Share of a zero that the negative binomial explains (the gate explains the rest).
         weight = torch.sub(log_p0, value).exp_() if with_grads else None
 
-    if not gathers_nonzero(x):
-        return _dense_nonzero_terms(
-            x, mu, theta, zi_logits, lgamma_theta, digamma_theta, value, weight, log_p0,
-            ratio, log1p_ratio, with_grads,
-        )
-    # The terms that vanish at x = 0 are evaluated at the non-zero counts only: their
-    # lgamma/digamma calls cost more than the gathers, even at 50% non-zero (measured).
-    flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)  # (on bool: 2x faster than on float)
-    columns = flat % shape[-1]
-
-    def at(t):
-        return _gather_flat(t, flat, columns, shape)
-
+    # On the CPU the lgamma/digamma terms are evaluated at the non-zero counts only: they
+    # cost more than the gathers, even at 50% non-zero (measured).
+    positions = _ZeroTermPositions(x)
+    at = positions.at
     extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
         at(x), at(mu), at(theta), at(lgamma_theta),
         None if digamma_theta is None else at(digamma_theta), with_grads,
+        dense=positions.dense,
     )
-    value = value.contiguous()
-    value.view(-1).index_copy_(0, flat, extra.add_(at(log_p0)))
+    value = positions.put(value, extra.add_(at(log_p0)))
+    softplus_logits = None
     if zi_logits is not None:
         softplus_logits = F.softplus(zi_logits)
         value.sub_(softplus_logits)
@@ -254,12 +267,11 @@ def _log_prob_and_derivatives(
         return value, (None, None, None)
 
     if weight is not None:
-        weight.view(-1).index_fill_(0, flat, 1.0)
+        positions.fill_one(weight)
     d_mu, d_theta, d_logits = _derivatives_of_zero_terms(
         ratio, log1p_ratio, weight, zi_logits, softplus_logits)
-    d_mu.view(-1).index_add_(0, flat, extra_d_mu)
-    d_theta.view(-1).index_add_(0, flat, extra_d_theta)
-    return value, (d_mu, d_theta, d_logits)
+    return value, (positions.add(d_mu, extra_d_mu), positions.add(d_theta, extra_d_theta),
+                   d_logits)
 
 
 class _CountLogProb(torch.autograd.Function):
