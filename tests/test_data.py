@@ -231,3 +231,25 @@ def test_sparse_values_are_checked_in_chunks_to_the_last_one(small_adata, monkey
     with pytest.raises(CountDataError):
         pyrovi.SCVI.setup_anndata(small_adata, batch_key="batch")
     assert_unchanged(small_adata, before)
+
+
+def test_array_tensors_gather_dense_sparse_and_none():
+    from pyrovi.data import ArrayTensors, as_cell_data
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(20, 7, density=0.3, format="csr", random_state=0) * 10
+    groups = rng.integers(0, 3, size=20)
+    data = as_cell_data({"x": counts, "group": groups, "offset": rng.normal(size=20),
+                         "unused": None})
+    assert isinstance(data, ArrayTensors) and data.n_obs == 20
+    index = torch.tensor([4, 0, 19])
+    batch = data.minibatch(index)
+    np.testing.assert_allclose(batch["x"].numpy(), counts[[4, 0, 19]].toarray(), rtol=1e-6)
+    assert batch["group"].dtype == torch.int64 and batch["offset"].dtype == torch.float32
+    assert batch["unused"] is None
+    chunks = [i.tolist() for i, _ in data.iter_minibatches(np.arange(5), batch_size=2)]
+    assert chunks == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="same number of rows"):
+        as_cell_data({"x": np.zeros((3, 2)), "y": np.zeros(4)})
+    with pytest.raises(TypeError, match="mapping"):
+        as_cell_data(np.zeros((3, 2)))

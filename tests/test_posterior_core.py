@@ -131,7 +131,7 @@ def test_bad_arguments_are_reported(pair_and_data):
         posterior_samples(pair, {"x": x}, ["w"])
     with pytest.raises(ValueError, match="same number of rows"):
         posterior_samples(pair, {"x": x, "other": x[:3]}, ["z"])
-    with pytest.raises(TypeError, match="CellTensors or a mapping"):
+    with pytest.raises(TypeError, match="CellTensors, ArrayTensors or a mapping"):
         posterior_samples(pair, x, ["z"])
     with pytest.raises(ValueError, match="n_samples"):
         posterior_samples(pair, {"x": x}, ["z"], n_samples=0)

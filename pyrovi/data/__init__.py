@@ -10,16 +10,24 @@ from pyrovi.data.registry import (
     register_new_data,
     setup_anndata,
 )
-from pyrovi.data.tensors import CellTensors, CountMatrix, build_cell_tensors
+from pyrovi.data.tensors import (
+    ArrayTensors,
+    CellTensors,
+    CountMatrix,
+    as_cell_data,
+    build_cell_tensors,
+)
 from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
 
 __all__ = [
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
+    "ArrayTensors",
     "CellTensors",
     "CountDataError",
     "CountMatrix",
     "SetupError",
+    "as_cell_data",
     "build_cell_tensors",
     "cell_totals",
     "check_protein_names",

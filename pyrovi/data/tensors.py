@@ -7,6 +7,7 @@ Sparse input stays sparse on the device (CSR arrays); only the gathered minibatc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,12 +166,117 @@ class CellTensors:
 
     def iter_minibatches(self, indices=None, batch_size: int = 1024):
         """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
-        if indices is None:
-            indices = np.arange(self.n_obs)
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
-        for start in range(0, index.numel(), batch_size):
-            chunk = index[start : start + batch_size]
-            yield chunk, self.minibatch(chunk)
+        return _iter_minibatches(self, indices, batch_size)
+
+
+def _iter_minibatches(data, indices, batch_size: int):
+    if indices is None:
+        indices = np.arange(data.n_obs)
+    index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=data.device)
+    for start in range(0, index.numel(), batch_size):
+        chunk = index[start : start + batch_size]
+        yield chunk, data.minibatch(chunk)
+
+
+class ArrayTensors:
+    """Per-cell arrays of your own model/guide pair, on one device, gathered by index.
+
+    The counterpart of :class:`CellTensors` for data that did not go through
+    ``setup_anndata``: every keyword argument of the model and guide that varies per cell
+    (axis 0 indexes cells). Training (:func:`pyrovi.infer.fit`) and the posterior utilities
+    (:mod:`pyrovi.posterior`) accept it, or the plain mapping it is built from.
+
+    Parameters
+    ----------
+    arrays
+        ``{argument name: per-cell array}``: numpy arrays, torch tensors, scipy sparse
+        matrices (kept sparse, densified per minibatch) or ``None`` (passed as ``None``).
+        Floating-point numpy arrays become float32 and integer ones int64; torch tensors
+        keep their dtype.
+    device
+        Where the tensors live (default: the device of the first torch tensor, else CPU).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> data = ArrayTensors({"x": np.ones((5, 3)), "group": np.arange(5)})
+    >>> data.minibatch(torch.tensor([0, 4]))["group"]
+    tensor([0, 4])
+    """
+
+    def __init__(self, arrays: Mapping[str, object], device: torch.device | str | None = None):
+        if device is None:
+            device = next((v.device for v in arrays.values() if isinstance(v, torch.Tensor)),
+                          "cpu")
+        self._device = torch.device(device)
+        self.arrays: dict[str, torch.Tensor | CountMatrix | None] = {}
+        for name, value in arrays.items():
+            if value is None or isinstance(value, CountMatrix):
+                self.arrays[name] = value
+            elif sp.issparse(value):
+                self.arrays[name] = CountMatrix(value, self._device)
+            elif isinstance(value, torch.Tensor):
+                self.arrays[name] = value.to(self._device)
+            else:
+                array = np.asarray(value)
+                dtype = (torch.float32 if np.issubdtype(array.dtype, np.floating)
+                         else torch.int64 if np.issubdtype(array.dtype, np.integer) else None)
+                self.arrays[name] = torch.as_tensor(array, dtype=dtype, device=self._device)
+        n_cells = {v.shape[0] for v in self.arrays.values() if v is not None}
+        if len(n_cells) != 1:
+            raise ValueError(
+                "data needs at least one per-cell array, and every array the same number of "
+                f"rows (cells on axis 0); got row counts {sorted(n_cells)}."
+            )
+        self._n_obs = n_cells.pop()
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return self._n_obs
+
+    @property
+    def device(self) -> torch.device:
+        """The device holding the tensors."""
+        return self._device
+
+    def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of a model/guide call for cells ``index``."""
+        return {
+            name: None if value is None
+            else value.gather(index) if isinstance(value, CountMatrix)
+            else value.index_select(0, index)
+            for name, value in self.arrays.items()
+        }
+
+    def iter_minibatches(self, indices=None, batch_size: int = 1024):
+        """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
+        return _iter_minibatches(self, indices, batch_size)
+
+
+def as_cell_data(data, device: torch.device | str | None = None) -> CellTensors | ArrayTensors:
+    """Per-cell data in the form the training loop and the posterior utilities read.
+
+    Parameters
+    ----------
+    data
+        :class:`CellTensors` (registered AnnData), :class:`ArrayTensors`, or a mapping
+        ``{argument name: per-cell array}``.
+    device
+        Device for a mapping's arrays (ignored for data already on a device).
+
+    Returns
+    -------
+    CellTensors or ArrayTensors
+    """
+    if isinstance(data, CellTensors | ArrayTensors):
+        return data
+    if isinstance(data, Mapping):
+        return ArrayTensors(data, device)
+    raise TypeError(
+        "data must be pyrovi CellTensors, ArrayTensors or a mapping {argument name: per-cell "
+        f"array}}, got {type(data).__name__}."
+    )
 
 
 def build_cell_tensors(

@@ -12,9 +12,11 @@ from pyrovi.infer.objective import (
 from pyrovi.infer.scaling import cell_plate, kl_scale
 from pyrovi.infer.training import (
     EarlyStopping,
+    FitResult,
     TrainingPlan,
     default_max_epochs,
     evaluate_dataset,
+    fit,
     kl_weight_schedule,
     split_indices,
     train_svi,
@@ -23,12 +25,14 @@ from pyrovi.infer.training import (
 __all__ = [
     "CellTerms",
     "EarlyStopping",
+    "FitResult",
     "TrainingPlan",
     "cell_plate",
     "cell_terms",
     "default_max_epochs",
     "evaluate_dataset",
     "evaluate_terms",
+    "fit",
     "inference_mode",
     "kl_scale",
     "kl_weight_schedule",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,8 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrovi.data.tensors import CellTensors
+from pyrovi.data.tensors import ArrayTensors, CellTensors, as_cell_data
+from pyrovi.infer.devices import resolve_device
 from pyrovi.infer.objective import (
     CellTerms,
     evaluate_terms,
@@ -200,7 +202,9 @@ def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
     return torch.optim.Adam(params, **options, **kernel)
 
 
-def evaluate_dataset(module, data: CellTensors, indices, batch_size: int = 1024) -> CellTerms:
+def evaluate_dataset(
+    module, data: CellTensors | ArrayTensors, indices, batch_size: int = 1024
+) -> CellTerms:
     """Per-cell ELBO terms of ``indices`` (module in eval mode, full KL weight).
 
     Returns
@@ -208,6 +212,7 @@ def evaluate_dataset(module, data: CellTensors, indices, batch_size: int = 1024)
     CellTerms
         Vectors over the requested cells, on the data's device.
     """
+    data = as_cell_data(data)
     reconstruction, kl = [], []
     with inference_mode(module):
         for _, batch in data.iter_minibatches(indices, batch_size):
@@ -219,7 +224,7 @@ def evaluate_dataset(module, data: CellTensors, indices, batch_size: int = 1024)
 
 def train_svi(
     module,
-    data: CellTensors,
+    data: CellTensors | ArrayTensors,
     train_indices: np.ndarray,
     validation_indices: np.ndarray,
     plan: TrainingPlan,
@@ -233,7 +238,8 @@ def train_svi(
         ``nn.Module`` with ``model(x=..., ..., n_obs=, kl_weight=)`` and ``guide(...)``, already
         on ``data.device``.
     data
-        Registered data on the training device.
+        Per-cell data on the training device: registered data (:class:`CellTensors`) or
+        your own arrays (:class:`~pyrovi.data.ArrayTensors` or a mapping of them).
     train_indices, validation_indices
         Cells (rows of ``data``) to train on and to validate on.
     plan
@@ -249,6 +255,7 @@ def train_svi(
         epochs, the same for ``_validation``. "elbo" is the negative ELBO per cell, as in
         scvi-tools: lower is better.
     """
+    data = as_cell_data(data)
     device = data.device
     elbo = make_elbo(plan.loss)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -325,3 +332,77 @@ def train_svi(
     epochs.close()
     module.eval()
     return pd.DataFrame(rows).set_index("epoch")
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns: the per-epoch ``history`` and the cells of each split."""
+
+    history: pd.DataFrame
+    train_indices: np.ndarray
+    validation_indices: np.ndarray
+
+
+def fit(
+    module,
+    data,
+    max_epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    train_size: float = 0.9,
+    validation_size: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    progress_bar: bool = True,
+    **plan_options,
+) -> FitResult:
+    """Train any model/guide pair by SVI: the loop of pyrovi's models, for your own.
+
+    The module needs ``model(**minibatch, n_obs=, kl_weight=)`` and ``guide(...)`` with the
+    same arguments: ``n_obs`` is the number of training cells, for
+    :func:`~pyrovi.infer.cell_plate` to scale the minibatch ELBO, and ``kl_weight`` the
+    warm-up weight, for :func:`~pyrovi.infer.kl_scale` around the latent sites.
+
+    Parameters
+    ----------
+    module
+        ``nn.Module`` holding every parameter (they are optimised directly; Pyro's parameter
+        store is not used).
+    data
+        ``{argument name: per-cell array}`` (numpy, torch, scipy sparse), or
+        :class:`~pyrovi.data.ArrayTensors` / :class:`~pyrovi.data.CellTensors`.
+    max_epochs, batch_size, lr
+        Passes over the training cells, cells per minibatch, Adam learning rate.
+    train_size, validation_size
+        Fractions of cells for training and validation (default: the rest validates).
+    device
+        Where to train (``"cpu"``, ``"cuda"``, ``"auto"``); the module is moved there.
+    seed
+        Seed for the split, the minibatch order and the Monte Carlo draws.
+    progress_bar
+        Show a tqdm bar.
+    **plan_options
+        Further :class:`TrainingPlan` options (``n_epochs_kl_warmup``, ``loss``,
+        ``early_stopping``, ``weight_decay``...).
+
+    Returns
+    -------
+    FitResult
+        ``history`` (one row per epoch, columns as ``model.history`` of pyrovi's models),
+        ``train_indices`` and ``validation_indices``.
+
+    Examples
+    --------
+    >>> result = fit(module, {"x": counts}, max_epochs=50, seed=0)  # doctest: +SKIP
+    >>> result.history["elbo_validation"].iloc[-1]  # doctest: +SKIP
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    device = resolve_device(device)
+    module.to(device)
+    data = as_cell_data(data, device)
+    train_indices, validation_indices = split_indices(
+        np.arange(data.n_obs), train_size, validation_size, np.random.default_rng(seed))
+    plan = TrainingPlan(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+                        progress_bar=progress_bar, **plan_options)
+    history = train_svi(module, data, train_indices, validation_indices, plan)
+    return FitResult(history, train_indices, validation_indices)

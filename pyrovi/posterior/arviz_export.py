@@ -6,7 +6,9 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import posterior_samples
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ def to_arviz(
     protein_list: Sequence[str] | None = None,
     batch_size: int = 1024,
     seed: int | None = None,
+    data=None,
+    coords: dict[str, Sequence] | None = None,
 ):
     """Posterior draws of a trained model as an :class:`arviz.InferenceData`.
 
@@ -57,14 +61,21 @@ def to_arviz(
       ``log_library``.
 
     so that ``arviz.summary(idata, var_names=["z"])`` and
-    ``arviz.plot_ppc(idata, var_names=["x"])`` work directly. ArviZ keeps every draw in
-    memory as a dense array: choose ``indices``, ``gene_list`` and ``n_samples``
-    accordingly (a call above 5e8 values is refused with that advice).
+    ``arviz.plot_ppc(idata, var_names=["x"])`` work directly.
+
+    Your own model/guide pair works too: pass the ``nn.Module`` itself and its per-cell
+    arrays as ``data``; observed sites whose name is a key of ``data`` get
+    ``observed_data``, other one-dimensional arrays go to ``constant_data``, and the
+    dimensions come from the module's ``site_dims`` with labels from ``coords``.
+
+    ArviZ keeps every draw in memory as a dense array: choose ``indices``, ``gene_list``
+    and ``n_samples`` accordingly (a call above 5e8 values is refused with that advice).
 
     Parameters
     ----------
     model
-        A trained pyrovi model (``SCVI``, ``LDVAE``, ``TOTALVI``, ...).
+        A trained pyrovi model (``SCVI``, ``LDVAE``, ``TOTALVI``, ...), or a model/guide
+        ``nn.Module`` of your own (then ``data`` is required).
     adata
         AnnData with the model's genes (default: the training data).
     n_samples
@@ -79,6 +90,12 @@ def to_arviz(
         Cells per forward pass.
     seed
         Seed for the draws.
+    data
+        For a bare module: ``{argument name: per-cell array}`` (or
+        :class:`~pyrovi.data.ArrayTensors`).
+    coords
+        For a bare module: labels of named dimensions, e.g. ``{"gene": var_names}``
+        (cells are numbered unless ``coords["cell"]`` is given).
 
     Returns
     -------
@@ -93,10 +110,14 @@ def to_arviz(
     >>> az.plot_ppc(idata, var_names=["x"], num_pp_samples=20)  # doctest: +SKIP
     """
     import arviz as az
-    import torch
 
     if seed is not None:
         torch.manual_seed(seed)
+    if not hasattr(model, "module"):
+        if data is None:
+            raise ValueError("A bare model/guide module needs its per-cell arrays: data={...}.")
+        return _module_to_arviz(model, data, n_samples, var_names, indices, batch_size,
+                                dict(coords or {}))
     data, cells, adata_used = model._cell_tensors(adata, indices)
     genes = (np.arange(model.registry.n_vars) if gene_list is None
              else model._gene_positions(gene_list))
@@ -160,5 +181,42 @@ def to_arviz(
         observed_data=groups["observed_data"] or None,
         constant_data=constant,
         coords=coords,
+        dims=dims,
+    )
+
+
+def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, coords):
+    """:func:`to_arviz` for a bare model/guide module and its per-cell arrays."""
+    import arviz as az
+
+    data = as_cell_data(data)
+    cells = np.arange(data.n_obs) if indices is None else np.asarray(indices)
+    draws = posterior_samples(module, data, var_names, n_samples, indices=cells,
+                              batch_size=batch_size)
+    whole = data.minibatch(torch.as_tensor(cells, device=data.device))
+    observed = set(getattr(module, "observed_sites", ()) or ())
+    declared = getattr(module, "site_dims", {})
+    coords.setdefault("cell", np.arange(len(cells)))
+    groups: dict[str, dict] = {"posterior": {}, "posterior_predictive": {}, "observed_data": {}}
+    dims: dict[str, list[str]] = {}
+    for site, values in draws.items():
+        if site in declared:
+            dims[site] = ["cell", *declared[site]]
+        if site in observed or site in whole:
+            groups["posterior_predictive"][site] = values[None]
+            if whole.get(site) is not None:
+                groups["observed_data"][site] = whole[site].cpu().numpy()
+        else:
+            groups["posterior"][site] = values[None]
+    constant = {name: value.cpu().numpy() for name, value in whole.items()
+                if value is not None and value.dim() == 1 and name not in draws}
+    dims.update({name: ["cell"] for name in constant})
+    used = {d for ds in dims.values() for d in ds}
+    return az.from_dict(
+        posterior=groups["posterior"] or None,
+        posterior_predictive=groups["posterior_predictive"] or None,
+        observed_data=groups["observed_data"] or None,
+        constant_data=constant or None,
+        coords={k: np.asarray(v) for k, v in coords.items() if k in used},
         dims=dims,
     )

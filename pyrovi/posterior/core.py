@@ -22,7 +22,7 @@ each draw to a callback. Nothing here knows which model it serves.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from pyrovi.data.tensors import CellTensors
+from pyrovi.data.tensors import CellTensors, as_cell_data
 from pyrovi.infer.objective import cell_terms, inference_mode
 from pyrovi.nn.encoder import identity
 
@@ -72,38 +72,6 @@ def model_trace(module, batch: dict, posterior: poutine.Trace, predictive: bool 
     if predictive:
         model = poutine.uncondition(model)
     return poutine.trace(model).get_trace(**batch)
-
-
-def _minibatches(data, indices, batch_size: int) -> Iterator[dict]:
-    """Keyword arguments of successive minibatches of ``data``'s cells (in order)."""
-    if isinstance(data, CellTensors):
-        for _, batch in data.iter_minibatches(indices, batch_size):
-            yield batch
-        return
-    tensors = {k: None if v is None else torch.as_tensor(v) for k, v in data.items()}
-    n_cells = {v.shape[0] for v in tensors.values() if v is not None}
-    if len(n_cells) != 1:
-        raise ValueError(
-            f"Every per-cell array in data needs the same number of rows; got {sorted(n_cells)}."
-        )
-    index = np.arange(n_cells.pop()) if indices is None else np.asarray(indices)
-    for start in range(0, len(index), batch_size):
-        rows = torch.as_tensor(index[start : start + batch_size], dtype=torch.int64)
-        yield {k: None if v is None else v.index_select(0, rows.to(v.device))
-               for k, v in tensors.items()}
-
-
-def _n_cells(data, indices) -> int:
-    if not isinstance(data, CellTensors | Mapping):
-        raise TypeError(
-            "data must be pyrovi CellTensors or a mapping {argument name: per-cell array}, "
-            f"got {type(data).__name__}."
-        )
-    if indices is not None:
-        return len(indices)
-    if isinstance(data, CellTensors):
-        return data.n_obs
-    return next(len(v) for v in data.values() if v is not None)
 
 
 def iterate_posterior(
@@ -165,10 +133,12 @@ def iterate_posterior(
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     chunks: dict = {}
-    n_batches = math.ceil(_n_cells(data, indices) / batch_size)
+    data = as_cell_data(data)
+    n_cells = data.n_obs if indices is None else len(indices)
     with inference_mode(module):
-        for batch in tqdm(_minibatches(data, indices, batch_size), total=n_batches,
-                          disable=not progress_bar, desc="posterior"):
+        for _, batch in tqdm(data.iter_minibatches(indices, batch_size),
+                             total=math.ceil(n_cells / batch_size),
+                             disable=not progress_bar, desc="posterior"):
             draws: dict = {}
             for _ in range(n_samples):
                 guide = guide_trace(module, batch)
