@@ -97,3 +97,36 @@ def test_totalvi_export_has_protein_groups():
     matplotlib.pyplot.close("all")
     subset = to_arviz(model, n_samples=2, protein_list=proteins[2:4], var_names=["y"])
     assert list(subset.posterior_predictive["y"].coords["protein"].values) == proteins[2:4]
+
+
+def test_log_likelihood_group_supports_model_comparison(scvi_model):
+    adata, model = scvi_model
+    idata = to_arviz(model, n_samples=30, seed=0, log_likelihood=True)
+    log_lik = idata.log_likelihood["x"]
+    assert log_lik.dims == ("chain", "draw", "cell")
+    assert log_lik.shape == (1, 30, adata.n_obs)
+    # E_q[log p(x | z, l)] per cell: the negative reconstruction term, here averaged over
+    # 30 draws per cell, there 20 evaluations of one draw per cell; both averaged over cells
+    # (the draws of a latent library make single values heavy-tailed, hence 5%).
+    reconstruction = np.mean([model.get_reconstruction_error()["reconstruction_loss"]
+                              for _ in range(20)])
+    assert abs(-float(log_lik.mean()) - reconstruction) < 0.05 * abs(reconstruction)
+    untrained = pyrovi.SCVI(adata, n_latent=4, gene_likelihood="nb",
+                            use_observed_lib_size=False)
+    untrained_idata = to_arviz(untrained, n_samples=30, seed=0, log_likelihood=True)
+    comparison = az.compare({"trained": idata, "untrained": untrained_idata})
+    assert comparison.index[0] == "trained"
+    assert comparison.loc["trained", "elpd_loo"] > comparison.loc["untrained", "elpd_loo"]
+
+
+def test_pointwise_log_likelihood_of_rna_and_proteins():
+    from pyrovi.posterior import pointwise_log_likelihood
+
+    adata, model = small_totalvi(n_cells=200, n_proteins=6, max_epochs=10)
+    data, _, _ = model._cell_tensors()
+    values = pointwise_log_likelihood(model.module, data, n_samples=40)
+    assert set(values) == {"x", "y"}
+    assert values["y"].shape == (40, adata.n_obs) and np.isfinite(values["y"]).all()
+    total = -(values["x"] + values["y"]).mean()
+    reconstruction = model.get_reconstruction_error()["reconstruction_loss"]
+    assert abs(total - reconstruction) < 0.05 * abs(reconstruction)

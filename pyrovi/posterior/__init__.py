@@ -10,6 +10,7 @@ from pyrovi.posterior.core import (
     latent_representation,
     marginal_log_likelihood,
     model_trace,
+    pointwise_log_likelihood,
     posterior_predictive,
     posterior_samples,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "latent_representation",
     "marginal_log_likelihood",
     "model_trace",
+    "pointwise_log_likelihood",
     "posterior_predictive",
     "posterior_samples",
     "PosteriorDraw",

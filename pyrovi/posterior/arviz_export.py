@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pyrovi.data.tensors import as_cell_data
-from pyrovi.posterior.core import posterior_samples
+from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def to_arviz(
     seed: int | None = None,
     data=None,
     coords: dict[str, Sequence] | None = None,
+    log_likelihood: bool = False,
 ):
     """Posterior draws of a trained model as an :class:`arviz.InferenceData`.
 
@@ -58,7 +59,10 @@ def to_arviz(
       (``x``: ``(cell, gene)``; TotalVI's ``y``: ``(cell, protein)``), as integers;
     - ``observed_data``: the counts of the same cells and features;
     - ``constant_data``: each cell's ``batch`` and, with an observed library size, its
-      ``log_library``.
+      ``log_library``;
+    - ``log_likelihood`` (with ``log_likelihood=True``): each cell's ``log p(x | latents)``,
+      summed over all its features, for separate posterior draws of the latents; cells are
+      the observations of ``arviz.loo``, ``arviz.waic`` and ``arviz.compare``.
 
     so that ``arviz.summary(idata, var_names=["z"])`` and
     ``arviz.plot_ppc(idata, var_names=["x"])`` work directly.
@@ -96,6 +100,8 @@ def to_arviz(
     coords
         For a bare module: labels of named dimensions, e.g. ``{"gene": var_names}``
         (cells are numbered unless ``coords["cell"]`` is given).
+    log_likelihood
+        Add the ``log_likelihood`` group (one more pass over the cells).
 
     Returns
     -------
@@ -117,7 +123,7 @@ def to_arviz(
         if data is None:
             raise ValueError("A bare model/guide module needs its per-cell arrays: data={...}.")
         return _module_to_arviz(model, data, n_samples, var_names, indices, batch_size,
-                                dict(coords or {}))
+                                dict(coords or {}), log_likelihood)
     data, cells, adata_used = model._cell_tensors(adata, indices)
     genes = (np.arange(model.registry.n_vars) if gene_list is None
              else model._gene_positions(gene_list))
@@ -175,7 +181,7 @@ def to_arviz(
         dims["log_library"] = ["cell"]
     if "latent" in {d for ds in dims.values() for d in ds}:
         coords["latent"] = np.arange(module.n_latent)
-    return az.from_dict(
+    idata = az.from_dict(
         posterior=groups["posterior"] or None,
         posterior_predictive=groups["posterior_predictive"] or None,
         observed_data=groups["observed_data"] or None,
@@ -183,9 +189,29 @@ def to_arviz(
         coords=coords,
         dims=dims,
     )
+    if log_likelihood:
+        _with_log_likelihood(idata, module, data, None, n_samples, batch_size, cell_names)
+    return idata
 
 
-def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, coords):
+def _with_log_likelihood(idata, module, data, indices, n_samples, batch_size, cell_names):
+    """Add the ``log_likelihood`` group (one value per cell and draw) to ``idata``.
+
+    Built as its own InferenceData because ``arviz.from_dict`` takes one ``dims`` for all
+    groups, and here an observed site has the dimension ``cell`` only.
+    """
+    import arviz as az
+
+    values = pointwise_log_likelihood(module, data, n_samples, indices, batch_size)
+    idata.extend(az.from_dict(
+        # float64: PSIS smoothing of float32 log-likelihoods in the hundreds returns NaN.
+        log_likelihood={site: value[None].astype(np.float64) for site, value in values.items()},
+        coords={"cell": cell_names}, dims={site: ["cell"] for site in values}))
+    return idata
+
+
+def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, coords,
+                     log_likelihood):
     """:func:`to_arviz` for a bare model/guide module and its per-cell arrays."""
     import arviz as az
 
@@ -212,7 +238,7 @@ def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, co
                 if value is not None and value.dim() == 1 and name not in draws}
     dims.update({name: ["cell"] for name in constant})
     used = {d for ds in dims.values() for d in ds}
-    return az.from_dict(
+    idata = az.from_dict(
         posterior=groups["posterior"] or None,
         posterior_predictive=groups["posterior_predictive"] or None,
         observed_data=groups["observed_data"] or None,
@@ -220,3 +246,7 @@ def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, co
         coords={k: np.asarray(v) for k, v in coords.items() if k in used},
         dims=dims,
     )
+    if log_likelihood:
+        _with_log_likelihood(idata, module, data, cells, n_samples, batch_size,
+                             np.asarray(coords["cell"]))
+    return idata

@@ -354,6 +354,63 @@ def posterior_predictive(
     return draws["counts"].cpu().numpy()
 
 
+def pointwise_log_likelihood(
+    module,
+    data,
+    n_samples: int = 1,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1024,
+    sites: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """``log p(x_n | latents)`` of every cell under posterior draws of its latents.
+
+    One value per cell and draw for each observed site, summed over the site's features:
+    the pointwise log-likelihood that ArviZ's ``loo``/``waic`` and ``compare`` read (cells
+    are the observations).
+
+    Parameters
+    ----------
+    module
+        The model/guide pair.
+    data
+        :class:`~pyrovi.data.CellTensors`, :class:`~pyrovi.data.ArrayTensors` or a mapping
+        ``{argument: per-cell array}``.
+    n_samples
+        Posterior draws per cell.
+    indices
+        Cells to use (positions in ``data``), default all.
+    batch_size
+        Cells per forward pass.
+    sites
+        Observed sites (default: the module's ``observed_sites`` or the sites its model
+        conditions on data).
+
+    Returns
+    -------
+    dict
+        ``{site: array of shape (n_samples, n_cells)}``.
+    """
+    plate = getattr(module, "cell_plate", DEFAULT_CELL_PLATE)
+
+    def log_likelihood(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        names = sites if sites is not None else observed_site_names(module, draw.model)
+        out = {}
+        for name in names:
+            site = draw.model.nodes[name]
+            log_prob = site["fn"].log_prob(site["value"])
+            if site.get("mask") is not None:
+                log_prob = torch.where(site["mask"], log_prob, torch.zeros_like(log_prob))
+            # The cell axis has the same position in the log-density (batch dims only) as in
+            # the value; other batch dims (a site without event dims) are summed.
+            axis = cell_axis(site, plate)
+            out[name] = log_prob.movedim(axis, 0).reshape(log_prob.shape[axis], -1).sum(-1)
+        return out
+
+    draws = iterate_posterior(module, data, log_likelihood, n_samples, indices, batch_size,
+                              run_model=True)
+    return {name: value.cpu().numpy() for name, value in draws.items()}
+
+
 def marginal_log_likelihood(
     module,
     data: CellTensors,
