@@ -19,6 +19,7 @@ def test_tutorial_runs(notebook, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYROVI_TUTORIAL_EPOCHS", "20")
+    monkeypatch.setenv("PYROVI_TUTORIAL_QUICK", "1")  # fewer posterior draws
     content = json.loads(notebook.read_text())
     if content["metadata"].get("pyrovi", {}).get("needs_shared_data"):
         if not SHARED_DATA.exists():
