@@ -299,5 +299,5 @@ def test_invalid_options_are_rejected():
     pyrovi.TOTALVI.setup_anndata(adata, "protein_expression")
     with pytest.raises(ValueError, match="protein_dispersion must be one of"):
         pyrovi.TOTALVI(adata, protein_dispersion="protein-cell")
-    with pytest.raises(ValueError, match="'nb' or 'zinb'"):
+    with pytest.raises(ValueError, match="'nb', 'zinb' or a callable"):
         pyrovi.TOTALVI(adata, gene_likelihood="poisson")

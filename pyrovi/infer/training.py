@@ -178,6 +178,10 @@ def _epoch_means(prefix: str, terms_sum: CellTerms, n_cells: int) -> dict[str, f
     }
 
 
+#: Attribute marking a parameter that must not get weight decay (set on partly frozen ones).
+NO_WEIGHT_DECAY = "_pyrovi_no_weight_decay"
+
+
 @torch.no_grad()
 def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
     """Adam with torch's fused kernel where the parameters allow it.
@@ -189,7 +193,8 @@ def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
     Parameters
     ----------
     params
-        Parameters to optimise.
+        Parameters to optimise; those with the attribute :data:`NO_WEIGHT_DECAY` set are
+        optimised without weight decay.
     **options
         Passed to :class:`torch.optim.Adam` (``lr``, ``eps``, ``weight_decay``...).
 
@@ -199,7 +204,14 @@ def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
     """
     fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     kernel = {"fused": True} if fusable else {"foreach": True}
-    return torch.optim.Adam(params, **options, **kernel)
+    # Partly frozen parameters (reference mapping) get no weight decay: it would move the
+    # entries whose gradient is held at zero.
+    exempt = [p for p in params if getattr(p, NO_WEIGHT_DECAY, False)]
+    if not exempt:
+        return torch.optim.Adam(params, **options, **kernel)
+    groups = [{"params": [p for p in params if not getattr(p, NO_WEIGHT_DECAY, False)]},
+              {"params": exempt, "weight_decay": 0.0}]
+    return torch.optim.Adam([g for g in groups if g["params"]], **options, **kernel)
 
 
 def evaluate_dataset(

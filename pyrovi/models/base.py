@@ -47,6 +47,83 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT = "model.pt"
 _SAVED_ADATA = "adata.h5ad"
 _PLAN_FIELDS = set(TrainingPlan.__dataclass_fields__)
+#: Key of the marker that stands in a checkpoint for a constructor argument save cannot
+#: store (a callable likelihood, a prior module instance).
+_UNSAVED = "__pyrovi_unsaved__"
+
+
+def _is_unsaved(value) -> bool:
+    return isinstance(value, dict) and set(value) == {_UNSAVED}
+
+
+def saved_init_params(init_params: dict) -> dict:
+    """Constructor arguments as :meth:`BaseModel.save` stores them.
+
+    Custom objects (callables such as a ``gene_likelihood`` function, modules such as a
+    prior instance) are replaced by a marker naming them: pickling them would fail for
+    lambdas and local functions, and would otherwise tie the checkpoint to code that may
+    move. Their learned parameters are in the state dict all the same.
+
+    Parameters
+    ----------
+    init_params
+        The model's ``init_params``.
+
+    Returns
+    -------
+    dict
+    """
+    saved = {}
+    for name, value in init_params.items():
+        if callable(value):
+            label = getattr(value, "__qualname__", None) or type(value).__name__
+            saved[name] = {_UNSAVED: label}
+        else:
+            saved[name] = value
+    return saved
+
+
+def restored_init_params(saved: dict, given: dict, model_name: str) -> dict:
+    """Constructor arguments of a saved model, with the custom objects passed again.
+
+    Parameters
+    ----------
+    saved
+        ``init_params`` from a checkpoint (see :func:`saved_init_params`).
+    given
+        Arguments passed to ``load`` for the custom objects that were not saved.
+    model_name
+        Class name, for the messages.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        If a custom object that was not saved is not given again.
+    TypeError
+        If ``given`` names an argument that was saved (only unsaved ones can be given).
+    """
+    unsaved = {name: value[_UNSAVED] for name, value in saved.items() if _is_unsaved(value)}
+    extra = sorted(set(given) - set(unsaved))
+    if extra:
+        raise TypeError(
+            f"load takes again only the constructor arguments that save could not store "
+            f"({sorted(unsaved) or 'none for this model'}); {extra} were saved with the model."
+        )
+    missing = {name: label for name, label in unsaved.items() if name not in given}
+    if missing:
+        listed = ", ".join(f"{name}= (it was {label})" for name, label in missing.items())
+        call = ", ".join(f"{name}=..." for name in missing)
+        raise ValueError(
+            f"This {model_name} was built with custom objects that save does not store: "
+            f"{listed}. Pass them again: {model_name}.load(dir_path, adata, {call}). A prior "
+            "module is given as a new instance of the same class; its learned parameters are "
+            "restored from the checkpoint."
+        )
+    return {**saved, **given}
 
 
 class BaseModel(ABC):
@@ -228,6 +305,7 @@ class BaseModel(ABC):
             "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
             "device": str(self.device), **options,
         }
+        self._initialize_prior(data)
         start = 0 if self.history is None else int(self.history.index.max()) + 1
         history = train_svi(
             self.module, data, self.train_indices, self.validation_indices, plan, start
@@ -235,6 +313,21 @@ class BaseModel(ABC):
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.is_trained = True
         return self
+
+    def _initialize_prior(self, data: CellTensors) -> None:
+        """Give a data-initialised prior (the VampPrior's pseudo-inputs) random training cells.
+
+        Done once, when training starts: the split is known then, so no validation cell
+        becomes a pseudo-input (which would flatter the held-out ELBO).
+        """
+        prior = getattr(self.module, "prior", None)
+        n_cells = getattr(prior, "n_init_cells", 0)
+        if not n_cells or not len(self.train_indices):
+            return
+        chosen = torch.randperm(len(self.train_indices))[:n_cells].numpy()
+        index = torch.as_tensor(np.asarray(self.train_indices)[chosen], dtype=torch.int64,
+                                device=data.device)
+        self.module.initialize_prior(data.minibatch(index))
 
     # -- generic posterior outputs --------------------------------------------------------
 
@@ -555,6 +648,10 @@ class BaseModel(ABC):
     ) -> None:
         """Save parameters, settings, registry and history to ``dir_path``.
 
+        Constructor arguments that are custom objects (a callable ``gene_likelihood``, a
+        prior module instance) are not stored, only named; :meth:`load` asks for them
+        again. Their learned parameters (a custom prior's, say) are saved as usual.
+
         Parameters
         ----------
         dir_path
@@ -572,7 +669,7 @@ class BaseModel(ABC):
         checkpoint = {
             "model_class": type(self).__name__,
             "pyrovi_version": __version__,
-            "init_params": self.init_params,
+            "init_params": saved_init_params(self.init_params),
             "registry": self.registry.to_dict(),
             "var_names": list(map(str, self.var_names)),
             "state_dict": {k: v.cpu() for k, v in self.module.state_dict().items()},
@@ -588,7 +685,8 @@ class BaseModel(ABC):
             self.adata.write_h5ad(os.path.join(dir_path, _SAVED_ADATA))
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata=None, device: str = "cpu"):
+    def load(cls, dir_path: str | os.PathLike, adata=None, device: str = "cpu",
+             **custom_params):
         """Load a model saved with :meth:`save`.
 
         Parameters
@@ -600,11 +698,16 @@ class BaseModel(ABC):
             the AnnData saved with ``save_anndata=True``.
         device
             Where to put the module.
+        **custom_params
+            Constructor arguments that ``save`` could not store, passed again: a callable
+            ``gene_likelihood``, a prior module instance (``prior=``, a new instance; its
+            learned parameters come from the checkpoint).
 
         Raises
         ------
         ValueError
-            If ``adata``'s genes do not match the model's (the message says how many differ).
+            If ``adata``'s genes do not match the model's (the message says how many differ),
+            or a custom object the model was built with is not passed again.
         """
         path = os.path.join(dir_path, _CHECKPOINT)
         if not os.path.exists(path):
@@ -615,6 +718,8 @@ class BaseModel(ABC):
                 f"{os.fspath(dir_path)!r} holds a {checkpoint['model_class']}; load it with "
                 f"pyrovi.{checkpoint['model_class']}.load."
             )
+        init_params = restored_init_params(checkpoint["init_params"], custom_params,
+                                           cls.__name__)
         if adata is None:
             saved = os.path.join(dir_path, _SAVED_ADATA)
             if not os.path.exists(saved):
@@ -625,7 +730,7 @@ class BaseModel(ABC):
         registry = AnnDataRegistry.from_dict(checkpoint["registry"])
         adata = cls._as_anndata(adata)
         register_new_data(registry, adata, checkpoint["var_names"])
-        model = cls(adata, **checkpoint["init_params"])
+        model = cls(adata, **init_params)
         model.module.load_state_dict(checkpoint["state_dict"])
         model.device = resolve_device(device)
         model.module.to(model.device).eval()

@@ -27,7 +27,7 @@ class LDVAE(SCVI):
         AnnData registered with :meth:`LDVAE.setup_anndata`.
     n_hidden, n_latent, n_layers, dropout_rate
         Encoder sizes and latent dimension (``n_layers`` applies to the encoder).
-    dispersion, gene_likelihood, latent_distribution, use_observed_lib_size, prior
+    dispersion, gene_likelihood, latent_distribution, use_observed_lib_size, prior, prior_kwargs
         As for :class:`~pyrovi.SCVI` (default likelihood ``"nb"``, as in scvi-tools).
     use_batch_norm
         Batch-normalise the linear decoder's output (the reference implementation does).
@@ -55,6 +55,7 @@ class LDVAE(SCVI):
         use_batch_norm: bool = True,
         bias: bool = False,
         prior: str | nn.Module = "normal",
+        prior_kwargs: dict | None = None,
     ):
         BaseModel.__init__(
             self,
@@ -70,6 +71,7 @@ class LDVAE(SCVI):
             use_batch_norm=use_batch_norm,
             bias=bias,
             prior=prior,
+            prior_kwargs=prior_kwargs,
         )
 
     def _build_module(self, adata, registry: AnnDataRegistry, use_batch_norm=True, bias=False,

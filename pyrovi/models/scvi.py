@@ -11,6 +11,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry, CellTensors, cell_totals, setup_anndata
 from pyrovi.data.registry import category_codes, counts_matrix
+from pyrovi.models import transfer
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi_module import SCVIModule
 from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
@@ -46,7 +47,10 @@ class SCVI(BaseModel):
         ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
     gene_likelihood
         ``"zinb"``, ``"nb"``, ``"poisson"`` or a callable ``(mu, theta, zi_logits) ->
-        Distribution``.
+        Distribution`` (a Pyro distribution per gene; the model then learns a dispersion
+        and a zero-inflation head for it to use, see
+        :func:`~pyrovi.models.scvi_module.count_likelihood`). A callable is not saved by
+        :meth:`save`: pass it again to :meth:`load`.
     latent_distribution
         ``"normal"`` or ``"ln"`` (logistic normal).
     use_observed_lib_size
@@ -54,7 +58,13 @@ class SCVI(BaseModel):
     encode_covariates, deeply_inject_covariates, use_batch_norm, use_layer_norm
         Architecture options as in scvi-tools.
     prior
-        Latent prior (``"normal"`` or a prior module).
+        Latent prior: ``"normal"`` (N(0, I)), ``"mog"`` (learned mixture of Gaussians),
+        ``"vamp"`` (VampPrior: mixture of the encoder's posteriors at learned pseudo-inputs,
+        initialised from random training cells) or a prior module (see
+        :mod:`pyrovi.priors`; not saved by :meth:`save`, pass a new instance to
+        :meth:`load`, which restores its parameters).
+    prior_kwargs
+        Options of a named prior, e.g. ``{"n_components": 5}``.
 
     Examples
     --------
@@ -82,6 +92,7 @@ class SCVI(BaseModel):
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
         prior: str | nn.Module = "normal",
+        prior_kwargs: dict | None = None,
     ):
         super().__init__(
             adata,
@@ -98,6 +109,7 @@ class SCVI(BaseModel):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             prior=prior,
+            prior_kwargs=prior_kwargs,
         )
 
     @classmethod
@@ -148,6 +160,136 @@ class SCVI(BaseModel):
             allow_non_integer=allow_non_integer,
             drop_empty_cells=drop_empty_cells,
         )
+
+    # -- reference mapping (scArches) ----------------------------------------------------
+
+    @classmethod
+    def load_query_data(
+        cls,
+        query_adata,
+        reference_model,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        unfrozen: bool = False,
+        device: str | torch.device = "auto",
+    ):
+        """Extend a trained reference model to a query's new batches (scArches).
+
+        The query is registered with the reference's setup; its batches (and categories of
+        extra covariates and labels) that the reference lacks are appended, and the model is
+        rebuilt with the extended tables and the reference's weights. Only the new batches'
+        entries train (covariate-embedding rows, gene-batch dispersion, and for TotalVI the
+        protein background prior), plus what the options below release; every other weight
+        stays exactly the reference's, so reference cells keep their latent representation.
+        New rows start at the mean of the reference's; the new batches' library-size prior
+        (and TotalVI's protein background prior and measured proteins) come from the
+        query's counts. Fine-tune with :meth:`train`. Works for :class:`~pyrovi.SCVI`,
+        :class:`~pyrovi.LDVAE` and :class:`~pyrovi.TOTALVI` (call it on the reference's
+        class); see :mod:`pyrovi.models.transfer` for the freezing rule and why.
+
+        Parameters
+        ----------
+        query_adata
+            Raw counts with the reference's genes in its order (see
+            :meth:`prepare_query_anndata`) and its ``obs`` columns (batch, covariates);
+            need not be set up. TotalVI: the reference's proteins (AnnData or MuData).
+        reference_model
+            A trained model of this class, or the directory it was saved to.
+        freeze_dropout
+            Set every dropout probability to 0.
+        freeze_expression
+            Freeze the encoder and decoder except the new categories' weights; ``False``
+            trains the whole encoder. (With ``encode_covariates=False`` the encoder does not
+            see the batch, so with this on, fine-tuning does not move the query's latent
+            representation: train the reference with ``encode_covariates=True``.)
+        freeze_decoder_first_layer
+            ``False`` trains the first layer of every decoder network in full.
+        freeze_batchnorm_encoder, freeze_batchnorm_decoder
+            Keep the running statistics of batch norm (momentum 0) and, unless its network
+            trains in full, its affine parameters.
+        unfrozen
+            Train every weight (the options above are then ignored).
+        device
+            Where to put the query model.
+
+        Returns
+        -------
+        A model of this class on ``query_adata``, not yet trained on it (``is_trained``
+        False). It saves and loads as an ordinary model with the extended batches; the
+        freezing is for the fine-tuning of the returned object only.
+
+        Raises
+        ------
+        SetupError
+            Missing genes (named; see :meth:`prepare_query_anndata`), obs columns or
+            proteins; ``query_adata`` is left unchanged.
+        TypeError
+            A reference of another model class.
+        ValueError
+            Nothing would train (no new category and everything else frozen).
+
+        Examples
+        --------
+        >>> pyrovi.SCVI.prepare_query_anndata(query, reference)  # doctest: +SKIP
+        >>> mapped = pyrovi.SCVI.load_query_data(query, reference)  # doctest: +SKIP
+        >>> mapped.train(max_epochs=100)  # doctest: +SKIP
+        >>> query.obsm["X_scVI"] = mapped.get_latent_representation()  # doctest: +SKIP
+        """
+        return transfer.load_query_data(
+            cls, query_adata, reference_model, freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder, unfrozen=unfrozen, device=device,
+        )
+
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        query_adata,
+        reference_model,
+        return_reference_var_names: bool = False,
+        inplace: bool = True,
+        min_gene_fraction: float = 0.5,
+    ):
+        """Give a query the reference's genes in the reference's order.
+
+        Genes the reference does not have are dropped; reference genes missing from the
+        query are added as all-zero columns (with a warning giving their number) in ``X``
+        and every layer. Padded genes read as "not expressed", so keep them few.
+
+        Parameters
+        ----------
+        query_adata
+            AnnData with raw counts.
+        reference_model
+            A model of this class, or the directory it was saved to.
+        return_reference_var_names
+            Only return the reference's genes; ``query_adata`` is not touched.
+        inplace
+            Change ``query_adata`` in place (``varm``/``varp`` are dropped); otherwise
+            return a new AnnData.
+        min_gene_fraction
+            Raise when fewer than this fraction of the reference's genes are in the query
+            (0 to pad whatever the overlap; no overlap at all always raises).
+
+        Returns
+        -------
+        None, or the new AnnData (``inplace=False``), or a ``pandas.Index`` of the
+        reference's genes (``return_reference_var_names=True``).
+
+        Raises
+        ------
+        ValueError
+            No or too little gene overlap, duplicated gene names, or a view with
+            ``inplace=True``; ``query_adata`` is left unchanged.
+        """
+        return transfer.prepare_query_anndata(cls, query_adata, reference_model,
+                                              return_reference_var_names, inplace,
+                                              min_gene_fraction)
 
     def _build_module(self, adata, registry: AnnDataRegistry, **params) -> SCVIModule:
         means, variances = library_size_priors(adata, registry)

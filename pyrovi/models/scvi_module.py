@@ -44,13 +44,27 @@ def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.D
     ----------
     name_or_fn
         ``"zinb"``, ``"nb"``, ``"poisson"``, or a callable ``(mu, theta, zi_logits) ->
-        Distribution`` for a custom likelihood.
+        Distribution`` for a custom likelihood. A model with a callable likelihood gets
+        every parameter: the dispersion ``theta`` and the decoder's zero-inflation head
+        ``zi_logits`` (a likelihood that does not use them leaves them untrained). The
+        callable returns a Pyro distribution either per feature (batch shape ``mu.shape``,
+        event shape ``()``) or over the features of a cell (batch shape
+        ``mu.shape[:-1]``, event shape ``mu.shape[-1:]``, e.g. a Dirichlet-multinomial).
     mu, theta, zi_logits
         Mean, inverse dispersion and zero-inflation logits (the latter two may be ``None``
         where the likelihood does not use them).
+
+    Returns
+    -------
+    pyro.distributions.Distribution
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a callable does not return a Pyro distribution of one of those shapes.
     """
     if callable(name_or_fn):
-        return name_or_fn(mu, theta, zi_logits)
+        return _checked_custom_likelihood(name_or_fn, name_or_fn(mu, theta, zi_logits), mu)
     if name_or_fn == "zinb":
         return ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits)
     if name_or_fn == "nb":
@@ -60,6 +74,26 @@ def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.D
     raise ValueError(
         f"gene_likelihood must be one of {GENE_LIKELIHOODS} or a callable, got {name_or_fn!r}."
     )
+
+
+def _checked_custom_likelihood(fn, distribution, mu) -> dist.Distribution:
+    """``distribution`` if a custom likelihood returned something usable, else a clear error."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if not isinstance(distribution, dist.Distribution):
+        raise TypeError(
+            f"The gene_likelihood callable {name} returned {type(distribution).__name__}; it "
+            "must return a Pyro distribution (pyro.distributions or pyrovi.distributions)."
+        )
+    shape = tuple(distribution.batch_shape + distribution.event_shape)
+    if shape != tuple(mu.shape) or len(distribution.event_shape) > 1:
+        raise ValueError(
+            f"The gene_likelihood callable {name} returned a distribution of batch shape "
+            f"{tuple(distribution.batch_shape)} and event shape "
+            f"{tuple(distribution.event_shape)} for mu of shape {tuple(mu.shape)}: it must be "
+            "per feature (batch shape mu.shape) or over the features (event shape "
+            "mu.shape[-1:])."
+        )
+    return distribution
 
 
 class SCVIModule(nn.Module):
@@ -96,7 +130,10 @@ class SCVIModule(nn.Module):
     use_size_factor
         Size factors are given (softplus rates instead of softmax proportions).
     prior
-        Latent prior: ``"normal"`` or a prior module (see :mod:`pyrovi.priors`).
+        Latent prior: ``"normal"``, ``"mog"`` (mixture of Gaussians), ``"vamp"`` (VampPrior
+        on this module's encoder) or a prior module (see :mod:`pyrovi.priors`).
+    prior_kwargs
+        Options of a named prior, e.g. ``{"n_components": 5}``.
     decoder
         Replace the decoder (e.g. a linear one for LDVAE); must return
         :class:`~pyrovi.nn.ExpressionParams`.
@@ -136,6 +173,7 @@ class SCVIModule(nn.Module):
         use_layer_norm: str = "none",
         use_size_factor: bool = False,
         prior: str | nn.Module = "normal",
+        prior_kwargs: dict | None = None,
         decoder: nn.Module | None = None,
         n_encoder_input: int | None = None,
         n_layers_encoder: int | None = None,
@@ -188,7 +226,15 @@ class SCVIModule(nn.Module):
             scale_activation="softplus" if use_size_factor else "softmax",
         )
         self.dispersion = Dispersion(n_input, dispersion, n_batch=n_batch, n_labels=n_labels)
-        self.prior = build_prior(prior, n_latent)
+        # The VampPrior evaluates q(z | u) with the z network of this encoder (held by the
+        # prior, not registered twice), at inputs of the encoder's width.
+        self.prior = build_prior(
+            prior, n_latent, prior_kwargs,
+            encoder=self.encoder.z_encoder,
+            n_input=n_encoder_input or n_input,
+            n_cat_list=cat_list if encode_covariates else (),
+            n_cont=n_continuous_cov if encode_covariates else 0,
+        )
         if not use_observed_lib_size and (library_log_means is None or library_log_vars is None):
             raise ValueError("A latent library size needs library_log_means and library_log_vars.")
         means = torch.zeros(n_batch) if library_log_means is None else library_log_means
@@ -216,11 +262,33 @@ class SCVIModule(nn.Module):
             self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
         ).to_event(1)
 
+    def encoder_input(self, x, y=None) -> torch.Tensor:
+        """What the encoder reads: ``log1p`` of the counts."""
+        return torch.log1p(x)
+
     def encode(self, x, batch_index, cat_covs=None, cont_covs=None) -> AmortizedPosterior:
         """Parameters of q(z, log l | x) for a minibatch."""
         if self.encode_covariates:
-            return self.encoder(torch.log1p(x), self.covariates(batch_index, cat_covs), cont_covs)
-        return self.encoder(torch.log1p(x))
+            return self.encoder(self.encoder_input(x), self.covariates(batch_index, cat_covs),
+                                cont_covs)
+        return self.encoder(self.encoder_input(x))
+
+    def initialize_prior(self, batch: dict) -> None:
+        """Initialise a data-dependent prior from cells (the VampPrior's pseudo-inputs).
+
+        Parameters
+        ----------
+        batch
+            A minibatch (:meth:`pyrovi.data.CellTensors.minibatch`) of the cells to use.
+        """
+        initialize = getattr(self.prior, "initialize_from_cells", None)
+        if initialize is None:
+            return
+        cats, cont = (), None
+        if self.encode_covariates:
+            cats = self.covariates(batch["batch_index"], batch.get("cat_covs"))
+            cont = batch.get("cont_covs")
+        initialize(self.encoder_input(batch["x"], batch.get("y")), cats, cont)
 
     def generative(self, z, log_library, batch_index, labels=None, cat_covs=None, cont_covs=None):
         """Likelihood parameters given latent values.
@@ -244,9 +312,10 @@ class SCVIModule(nn.Module):
 
     def likelihood(self, params: dict) -> dist.Distribution:
         """The distribution of a cell's counts (event shape: genes)."""
-        return count_likelihood(
-            self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"]
-        ).to_event(1)
+        counts = count_likelihood(
+            self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"])
+        # A custom likelihood may already be a distribution over the genes of a cell.
+        return counts if counts.event_shape else counts.to_event(1)
 
     def sample_cell_latents(self, x, batch_index, size_factor=None):
         """Model side: ``z ~ p(z)`` and ``log l`` (from its prior, or observed) of each cell.

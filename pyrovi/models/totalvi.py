@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,8 @@ class TOTALVI(SCVI):
     protein_dispersion
         ``"protein"``, ``"protein-batch"`` or ``"protein-label"``.
     gene_likelihood
-        ``"nb"`` or ``"zinb"``.
+        ``"nb"``, ``"zinb"`` or a callable ``(mu, theta, zi_logits) -> Distribution`` for
+        the RNA, as for :class:`~pyrovi.SCVI`.
     latent_distribution
         ``"normal"`` or ``"ln"``.
     empirical_protein_background_prior
@@ -72,7 +73,7 @@ class TOTALVI(SCVI):
         for the hardest protein of 8 in simulations).
     override_missing_proteins
         Treat proteins that are all zero within a batch as measured (no masking).
-    use_observed_lib_size, encode_covariates, use_batch_norm, use_layer_norm, prior
+    use_observed_lib_size, encode_covariates, use_batch_norm, use_layer_norm, prior, prior_kwargs
         As for :class:`~pyrovi.SCVI` (covariates are encoded by default, as in scvi-tools).
 
     Examples
@@ -90,7 +91,7 @@ class TOTALVI(SCVI):
         n_latent: int = 20,
         gene_dispersion: str = "gene",
         protein_dispersion: str = "protein",
-        gene_likelihood: str = "nb",
+        gene_likelihood: str | Callable = "nb",
         latent_distribution: str = "normal",
         empirical_protein_background_prior: bool = True,
         override_missing_proteins: bool = False,
@@ -103,6 +104,7 @@ class TOTALVI(SCVI):
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
         prior="normal",
+        prior_kwargs: dict | None = None,
     ):
         self.mdata = adata if is_mudata(adata) else None
         adata = self._as_anndata(adata)
@@ -125,6 +127,7 @@ class TOTALVI(SCVI):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             prior=prior,
+            prior_kwargs=prior_kwargs,
         )
 
     # -- data -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Amortized posterior::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -63,11 +63,14 @@ class TOTALVIModule(SCVIModule):
         ``"protein"``, ``"protein-batch"`` or ``"protein-label"``.
     gene_dispersion
         ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` or a callable ``(mu, theta, zi_logits) -> Distribution`` for
+        the RNA (see :func:`~pyrovi.models.scvi_module.count_likelihood`).
     n_hidden, n_latent, n_layers_encoder, n_layers_decoder, dropout_rate_encoder
         Network sizes (scvi-tools' TotalVI defaults 256, 20, 2, 1, 0.2).
     **kwargs
         The remaining :class:`SCVIModule` options (batch, labels, covariates, library,
-        likelihood ``"nb"`` or ``"zinb"``, latent distribution, normalisation, prior).
+        latent distribution, normalisation, ``prior``, ``prior_kwargs``).
     """
 
     observed_sites = ("x", "y")
@@ -86,7 +89,7 @@ class TOTALVIModule(SCVIModule):
         protein_batch_mask: torch.Tensor | None = None,
         protein_dispersion: str = "protein",
         gene_dispersion: str = "gene",
-        gene_likelihood: str = "nb",
+        gene_likelihood: str | Callable = "nb",
         n_hidden: int = 256,
         n_latent: int = 20,
         n_layers_encoder: int = 2,
@@ -98,9 +101,10 @@ class TOTALVIModule(SCVIModule):
         use_layer_norm: str = "none",
         **kwargs,
     ):
-        if gene_likelihood not in ("nb", "zinb"):
+        if not callable(gene_likelihood) and gene_likelihood not in ("nb", "zinb"):
             raise ValueError(
-                f"TotalVI's gene_likelihood is 'nb' or 'zinb', got {gene_likelihood!r}.")
+                f"TotalVI's gene_likelihood is 'nb', 'zinb' or a callable, got "
+                f"{gene_likelihood!r}.")
         if protein_dispersion not in PROTEIN_DISPERSIONS:
             raise ValueError(
                 f"protein_dispersion must be one of {PROTEIN_DISPERSIONS}, got "
@@ -159,9 +163,13 @@ class TOTALVIModule(SCVIModule):
 
     # -- pieces shared by model, guide and the posterior utilities ------------------------
 
+    def encoder_input(self, x, y=None) -> torch.Tensor:
+        """What the encoder reads: ``log1p`` RNA ⊕ ``log1p`` protein counts."""
+        return torch.log1p(torch.cat([x, y], dim=-1))
+
     def encode(self, x, batch_index, cat_covs=None, cont_covs=None, y=None):
         """Parameters of q(z, log l | x, y): the shared encoder on log1p RNA ⊕ log1p protein."""
-        features = torch.log1p(torch.cat([x, y], dim=-1))
+        features = self.encoder_input(x, y)
         if self.encode_covariates:
             return self.encoder(features, self.covariates(batch_index, cat_covs), cont_covs)
         return self.encoder(features)
