@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -67,3 +68,32 @@ def test_readme_model_checking_example_runs(tmp_path, monkeypatch):
     assert "leiden_nmi" in set(scores["metric"])
     assert namespace["idata"].posterior["z"].shape == (1, 20, 100, 10)
     assert (tmp_path / "pbmc_scvi_card" / "README.md").exists()
+
+
+EXTENDING = README.parent / "docs" / "extending.md"
+
+
+def test_extension_guide_runs_as_one_script(tmp_path, monkeypatch):
+    """docs/extending.md: every python block, in order, as one script."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", EXTENDING.read_text(), re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(EXTENDING), "exec"), namespace)
+    assert namespace["model"].is_trained and namespace["mog"].module.prior.n_components == 3
+    assert float(namespace["student"].module.prior.log_df.detach()) != 1.0  # df learns
+    assert namespace["z"].shape == (10, namespace["adata"].n_obs, 3)
+    assert namespace["replicates"].shape == (5, *namespace["counts"].shape)
+    assert namespace["log_lik"].shape == (10, namespace["adata"].n_obs)
+    assert {"posterior", "posterior_predictive", "log_likelihood"} <= set(
+        namespace["idata"].groups())
+
+
+def test_readme_extending_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(section_code("### Extending: your own likelihood, prior or model"),
+                 str(README), "exec"), namespace)
+    model = namespace["model"]
+    assert model.module.prior.n_components == 4 and model.is_trained
+    assert np.isfinite(namespace["elbo"])
