@@ -32,12 +32,12 @@ def scvi_model():
 def test_scvi_export_has_named_groups_and_dims(scvi_model):
     adata, model = scvi_model
     cells = np.arange(0, 150, 3)
-    idata = to_arviz(model, n_samples=40, indices=cells, seed=0)
+    idata = to_arviz(model, n_samples=100, indices=cells, seed=0)
     assert {"posterior", "posterior_predictive", "observed_data", "constant_data"} <= set(
         idata.groups())
     z = idata.posterior["z"]
     assert z.dims == ("chain", "draw", "cell", "latent")
-    assert z.shape == (1, 40, 50, 4)
+    assert z.shape == (1, 100, 50, 4)
     assert idata.posterior["library"].dims == ("chain", "draw", "cell")
     x = idata.posterior_predictive["x"]
     assert x.dims == ("chain", "draw", "cell", "gene")
@@ -45,17 +45,19 @@ def test_scvi_export_has_named_groups_and_dims(scvi_model):
     assert list(x.coords["cell"].values) == list(adata.obs_names[cells])
     np.testing.assert_array_equal(idata.observed_data["x"].values, dense(adata.X[cells]))
     assert list(idata.constant_data["batch"].values) == list(adata.obs["batch"].iloc[cells])
-    # The posterior mean of z is the latent representation (a 40-draw Monte Carlo estimate).
+    # The posterior mean of z is the latent representation (a 100-draw Monte Carlo estimate;
+    # with 40 draws, whose estimated standard errors have heavier tails, one CI run exceeded
+    # the 5-SE bound on one of the 200 entries).
     summary = az.summary(idata, var_names=["z"], kind="stats")
     assert len(summary) == 50 * 4
     mean = idata.posterior["z"].mean(("chain", "draw")).values
-    standard_error = idata.posterior["z"].std(("chain", "draw")).values / np.sqrt(40)
+    standard_error = idata.posterior["z"].std(("chain", "draw")).values / np.sqrt(100)
     latent = model.get_latent_representation(indices=cells)
     assert (np.abs(mean - latent) < 5 * standard_error).all()
     # Posterior predictive draws average to the model's expected counts, gene by gene.
     predicted = x.mean(("chain", "draw", "cell")).values
     expected = model.get_normalized_expression(indices=cells, library_size="latent",
-                                               n_samples=40).to_numpy().mean(0)
+                                               n_samples=100).to_numpy().mean(0)
     assert np.corrcoef(np.log1p(predicted), np.log1p(expected))[0, 1] > 0.99
     axes = az.plot_ppc(idata, var_names=["x"], num_pp_samples=10, random_seed=0)
     assert np.size(axes) >= 1

@@ -14,6 +14,14 @@ from torch.nn import functional as F
 _MIN_SCALE = 1e-3
 
 
+def gaussian_mixture(logits, loc, scale, n_cells: int) -> dist.MixtureSameFamily:
+    """Mixture of diagonal Gaussians (components on the first axis of ``loc``/``scale``),
+    the same for each of ``n_cells`` cells: batch shape ``(n_cells,)``, event shape
+    ``loc.shape[-1:]``."""
+    components = dist.Normal(loc, scale).to_event(1)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components).expand([n_cells])
+
+
 def _inverse_softplus(value: float) -> float:
     return math.log(math.expm1(value))
 
@@ -92,9 +100,7 @@ class MixtureOfGaussiansPrior(nn.Module):
         pyro.distributions.MixtureSameFamily
             Batch shape ``(n_cells,)``, event shape ``(n_latent,)``.
         """
-        components = dist.Normal(self.means, self.scales).to_event(1)
-        mixture = dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
-        return mixture.expand([n_cells])
+        return gaussian_mixture(self.logits, self.means, self.scales, n_cells)
 
     def extra_repr(self) -> str:
         return f"n_latent={self.n_latent}, n_components={self.n_components}"

@@ -12,6 +12,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovi.priors.mixture import gaussian_mixture
+
 #: What the prior needs from an encoder: ``(inputs, cats, cont) -> (loc, scale)`` of the
 #: Gaussian q(z | inputs), or an object with ``z_loc`` and ``z_scale``
 #: (:class:`~pyrovi.nn.AmortizedPosterior`).
@@ -249,9 +251,7 @@ class VampPrior(nn.Module):
             Batch shape ``(n_cells,)``, event shape ``(n_latent,)``.
         """
         loc, scale = self.component_parameters()
-        components = dist.Normal(loc, scale).to_event(1)
-        mixture = dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
-        return mixture.expand([n_cells])
+        return gaussian_mixture(self.logits, loc, scale, n_cells)
 
     def extra_repr(self) -> str:
         return (f"n_latent={self.n_latent}, n_input={self.n_input}, "
