@@ -1,5 +1,6 @@
-"""AnnData registration, validation and device tensors (``pyrovi.data``)."""
+"""AnnData registration, validation, device tensors and on-disk data (``pyrovi.data``)."""
 
+from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk, read_ondisk
 from pyrovi.data.proteins import check_protein_names, protein_matrix, read_protein_field
 from pyrovi.data.registry import (
     REGISTRY_UNS_KEY,
@@ -10,8 +11,10 @@ from pyrovi.data.registry import (
     register_new_data,
     setup_anndata,
 )
+from pyrovi.data.streaming import OnDiskCellData
 from pyrovi.data.tensors import (
     ArrayTensors,
+    CellData,
     CellTensors,
     CountMatrix,
     as_cell_data,
@@ -23,9 +26,12 @@ __all__ = [
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
     "ArrayTensors",
+    "CellData",
     "CellTensors",
     "CountDataError",
     "CountMatrix",
+    "OnDiskCellData",
+    "OnDiskMatrix",
     "SetupError",
     "as_cell_data",
     "build_cell_tensors",
@@ -33,7 +39,9 @@ __all__ = [
     "check_protein_names",
     "check_var_names",
     "get_registry",
+    "is_on_disk",
     "protein_matrix",
+    "read_ondisk",
     "read_protein_field",
     "register_new_data",
     "setup_anndata",

@@ -3,17 +3,24 @@
 Counts leave AnnData once: :func:`build_cell_tensors` moves the registered matrix and the
 per-cell fields to the training device, and :meth:`CellTensors.minibatch` gathers rows there.
 Sparse input stays sparse on the device (CSR arrays); only the gathered minibatch is dense.
+
+Every kind of per-cell data is a :class:`CellData`: the training loop asks it for an epoch of
+shuffled minibatches (:meth:`CellData.training_batches`) and the posterior utilities for the
+cells in order (:meth:`CellData.iter_minibatches`). Counts left on disk (a backed AnnData) get
+:class:`~pyrovi.data.streaming.OnDiskCellData` from :func:`build_cell_tensors`, which reads
+them a block at a time behind the same two methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pyrovi.data.ondisk import is_on_disk
 from pyrovi.data.proteins import protein_matrix
 from pyrovi.data.registry import (
     AnnDataRegistry,
@@ -23,6 +30,10 @@ from pyrovi.data.registry import (
     size_factors,
 )
 from pyrovi.data.validation import cell_totals
+
+#: What a loader yields: the cells' positions (on the data's device) and the keyword
+#: arguments of a model/guide call for them.
+Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
 
 
 class CountMatrix:
@@ -98,8 +109,82 @@ class CountMatrix:
         return out
 
 
+def shuffled_minibatches(
+    index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Shuffle ``index`` (on its device) and cut it into minibatches.
+
+    A last minibatch of a single cell is merged into the previous one: batch norm cannot
+    normalise one cell.
+
+    Parameters
+    ----------
+    index
+        1-d int64 tensor of cell positions.
+    batch_size
+        Cells per minibatch.
+    generator
+        Random generator on ``index``'s device (default: torch's global one, which
+        ``train(seed=)`` seeds).
+    """
+    permuted = index[torch.randperm(index.numel(), device=index.device, generator=generator)]
+    batches = list(torch.split(permuted, batch_size))
+    if len(batches) > 1 and batches[-1].numel() < 2:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+class CellData:
+    """Per-cell data the training loop and the posterior utilities read (the loader interface).
+
+    Subclasses hold the cells on a device (:class:`CellTensors`, :class:`ArrayTensors`) or
+    on disk (:class:`~pyrovi.data.streaming.OnDiskCellData`) and provide ``n_obs``,
+    ``device`` and :meth:`minibatch`; the two loaders below default to index gathers.
+    """
+
+    n_obs: int
+    device: torch.device
+
+    def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of a model/guide call for cells ``index``."""
+        raise NotImplementedError
+
+    def training_batches(
+        self, train_index, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[Minibatch]:
+        """One epoch of training minibatches: every cell of ``train_index`` once, shuffled.
+
+        Parameters
+        ----------
+        train_index
+            Positions of the training cells (1-d tensor on :attr:`device`, or an array).
+        batch_size
+            Cells per minibatch (a last minibatch of one cell joins the previous one).
+        generator
+            Random generator (default: torch's global one, which ``train(seed=)`` seeds).
+
+        Yields
+        ------
+        index, minibatch
+            The cells' positions and the model/guide keyword arguments for them.
+        """
+        index = torch.as_tensor(train_index, dtype=torch.int64, device=self.device)
+        for batch in shuffled_minibatches(index, batch_size, generator):
+            yield batch, self.minibatch(batch)
+
+    def iter_minibatches(self, indices=None, batch_size: int = 1024) -> Iterator[Minibatch]:
+        """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
+        if indices is None:
+            indices = np.arange(self.n_obs)
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
+        for start in range(0, index.numel(), batch_size):
+            chunk = index[start : start + batch_size]
+            yield chunk, self.minibatch(chunk)
+
+
 @dataclass
-class CellTensors:
+class CellTensors(CellData):
     """All registered per-cell data of one AnnData on one device.
 
     Attributes
@@ -164,21 +249,8 @@ class CellTensors:
             batch["y"] = self.protein.gather(index)
         return batch
 
-    def iter_minibatches(self, indices=None, batch_size: int = 1024):
-        """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
-        return _iter_minibatches(self, indices, batch_size)
 
-
-def _iter_minibatches(data, indices, batch_size: int):
-    if indices is None:
-        indices = np.arange(data.n_obs)
-    index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=data.device)
-    for start in range(0, index.numel(), batch_size):
-        chunk = index[start : start + batch_size]
-        yield chunk, data.minibatch(chunk)
-
-
-class ArrayTensors:
+class ArrayTensors(CellData):
     """Per-cell arrays of your own model/guide pair, on one device, gathered by index.
 
     The counterpart of :class:`CellTensors` for data that did not go through
@@ -249,27 +321,23 @@ class ArrayTensors:
             for name, value in self.arrays.items()
         }
 
-    def iter_minibatches(self, indices=None, batch_size: int = 1024):
-        """Yield ``(index, minibatch)`` over ``indices`` (all cells by default), in order."""
-        return _iter_minibatches(self, indices, batch_size)
 
-
-def as_cell_data(data, device: torch.device | str | None = None) -> CellTensors | ArrayTensors:
+def as_cell_data(data, device: torch.device | str | None = None) -> CellData:
     """Per-cell data in the form the training loop and the posterior utilities read.
 
     Parameters
     ----------
     data
-        :class:`CellTensors` (registered AnnData), :class:`ArrayTensors`, or a mapping
-        ``{argument name: per-cell array}``.
+        :class:`CellData` (registered AnnData in memory or on disk, :class:`ArrayTensors`),
+        or a mapping ``{argument name: per-cell array}``.
     device
         Device for a mapping's arrays (ignored for data already on a device).
 
     Returns
     -------
-    CellTensors or ArrayTensors
+    CellData
     """
-    if isinstance(data, CellTensors | ArrayTensors):
+    if isinstance(data, CellData):
         return data
     if isinstance(data, Mapping):
         return ArrayTensors(data, device)
@@ -279,10 +347,9 @@ def as_cell_data(data, device: torch.device | str | None = None) -> CellTensors 
     )
 
 
-def build_cell_tensors(
-    adata, registry: AnnDataRegistry, device: torch.device | str = "cpu", indices=None
-) -> CellTensors:
-    """Move the registered fields of ``adata`` to ``device`` once.
+def cell_fields(adata, registry: AnnDataRegistry, device: torch.device | str = "cpu",
+                indices=None) -> dict[str, torch.Tensor | CountMatrix | None]:
+    """The registered per-cell fields of ``adata`` other than the counts, on ``device``.
 
     Parameters
     ----------
@@ -293,20 +360,21 @@ def build_cell_tensors(
     device
         Target device.
     indices
-        Only these cells (in this order); all cells when ``None``.
+        Only these cells (in this order); all cells when ``None``. The fields are read for
+        every cell and then subset, so that ``adata`` itself is never sliced (a slice of a
+        backed AnnData would read its counts).
 
     Returns
     -------
-    CellTensors
+    dict
+        ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor`` (tensors or
+        ``None``) and ``protein`` (:class:`CountMatrix` or ``None``).
     """
-    if indices is not None:
-        indices = np.asarray(indices)
-        adata = adata[indices]
-    matrix = counts_matrix(adata, registry.layer)
     device = torch.device(device)
+    rows = slice(None) if indices is None else np.asarray(indices)
 
     def as_tensor(array, dtype):
-        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+        return torch.as_tensor(np.ascontiguousarray(array[rows]), dtype=dtype, device=device)
 
     batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
     labels_key = registry.labels_key if registry.labels_key in adata.obs.columns else None
@@ -336,14 +404,65 @@ def build_cell_tensors(
         size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
     protein = None
     if registry.has_proteins:
-        protein = CountMatrix(protein_matrix(adata, registry.protein_expression_obsm_key), device)
+        protein = CountMatrix(
+            protein_matrix(adata, registry.protein_expression_obsm_key)[rows], device)
+    return {
+        "batch_index": as_tensor(batch, torch.int64),
+        "labels": as_tensor(labels, torch.int64),
+        "cat_covs": cat_covs,
+        "cont_covs": cont_covs,
+        "size_factor": size_factor,
+        "protein": protein,
+    }
+
+
+def build_cell_tensors(
+    adata,
+    registry: AnnDataRegistry,
+    device: torch.device | str = "cpu",
+    indices=None,
+    loader_kwargs: Mapping | None = None,
+) -> CellData:
+    """The registered data of ``adata`` on ``device``: moved there once, or left on disk.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with ``registry``.
+    registry
+        The registry describing which fields to read.
+    device
+        Target device.
+    indices
+        Only these cells (in this order); all cells when ``None``.
+    loader_kwargs
+        Options of the on-disk loader (``chunk_size``, ``n_chunks_in_buffer``, see
+        :class:`~pyrovi.data.streaming.OnDiskCellData`); no effect on data in memory.
+
+    Returns
+    -------
+    CellTensors or OnDiskCellData
+        :class:`CellTensors` when the counts are in memory; when they are on disk (a backed
+        AnnData, see :func:`~pyrovi.data.read_ondisk`), an
+        :class:`~pyrovi.data.streaming.OnDiskCellData` that reads them a block at a time.
+    """
+    matrix = counts_matrix(adata, registry.layer)
+    if is_on_disk(matrix):
+        from pyrovi.data.streaming import OnDiskCellData  # streaming imports this module
+
+        if indices is not None:
+            indices = np.asarray(indices)
+            if indices.dtype == bool:
+                indices = np.flatnonzero(indices)
+        return OnDiskCellData(matrix, cell_fields(adata, registry, device, indices),
+                              device, indices, **(loader_kwargs or {}))
+    if indices is not None:
+        indices = np.asarray(indices)
+        adata = adata[indices]
+        matrix = counts_matrix(adata, registry.layer)
+    fields = cell_fields(adata, registry, device)
     return CellTensors(
-        protein=protein,
         counts=CountMatrix(matrix, device),
-        batch_index=as_tensor(batch, torch.int64),
-        labels=as_tensor(labels, torch.int64),
-        cat_covs=cat_covs,
-        cont_covs=cont_covs,
-        size_factor=size_factor,
         informative=cell_totals(matrix) > 0,
+        **fields,
     )

@@ -1,13 +1,16 @@
 """Checks on count matrices: raw, finite, non-negative integers with no empty cells.
 
 Every check runs before anything is written into the user's AnnData, so a failed setup
-leaves the object exactly as it was.
+leaves the object exactly as it was. A matrix left on disk (backed AnnData) is checked in one
+pass over bounded blocks of rows, never loaded whole.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk
 
 # Rows checked at a time for dense input, and stored values at a time for sparse input, so
 # that temporaries (masks, rounded copies) stay small next to the matrix.
@@ -45,19 +48,59 @@ def _first_offender(matrix, predicate) -> tuple[int, int, float]:
     raise AssertionError("predicate matched no value")  # pragma: no cover
 
 
+def _scan_on_disk(matrix: OnDiskMatrix, predicates) -> tuple[list, np.ndarray]:
+    """One pass over a matrix on disk: the first offender of each predicate, and row totals.
+
+    A pass per check, as for in-memory matrices, would read the file up to four times.
+    Offenders are found in row-major storage order, as in memory, so a file gives the same
+    error whether it is read backed or loaded. The pass stops early once the first
+    predicate (the one reported first) has a hit.
+
+    Returns
+    -------
+    offenders, totals
+        ``(row, column, value)`` or ``None`` per predicate; total counts per row (partial
+        when the pass stopped early).
+    """
+    first: list = [None] * len(predicates)
+    totals = np.zeros(matrix.shape[0], dtype=np.float64)
+    for start, block in matrix.row_blocks():
+        values = block.data if matrix.is_sparse else block
+        for i, predicate in enumerate(predicates):
+            if first[i] is not None:
+                continue
+            hits = np.flatnonzero(predicate(values).ravel())
+            if not hits.size:
+                continue
+            if matrix.is_sparse:
+                row = int(np.searchsorted(block.indptr, hits[0], side="right")) - 1
+                col = int(block.indices[hits[0]])
+            else:
+                row, col = divmod(int(hits[0]), block.shape[1])
+            first[i] = (start + row, col, float(values.ravel()[hits[0]]))
+        totals[start : start + block.shape[0]] = np.asarray(
+            block.sum(axis=1, dtype=np.float64)).ravel()
+        if first and first[0] is not None:
+            break
+    return first, totals
+
+
 def cell_totals(matrix) -> np.ndarray:
     """Total counts per cell (row sums) as a float64 vector, without densifying.
 
     Parameters
     ----------
     matrix
-        Dense array or scipy sparse matrix of shape (cells, genes).
+        Dense array or scipy sparse matrix of shape (cells, genes), or a matrix on disk
+        (read in blocks of rows).
 
     Returns
     -------
     numpy.ndarray
         Vector of length ``matrix.shape[0]``.
     """
+    if is_on_disk(matrix):
+        return _scan_on_disk(OnDiskMatrix.of(matrix), [])[1]
     if sp.issparse(matrix):
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     totals = np.empty(matrix.shape[0], dtype=np.float64)
@@ -81,7 +124,8 @@ def validate_counts(
     Parameters
     ----------
     matrix
-        Dense array or scipy sparse matrix (cells × features).
+        Dense array or scipy sparse matrix (cells × features), or a matrix on disk (checked
+        in one pass over blocks of rows, see :mod:`pyrovi.data.ondisk`).
     source
         How the user refers to this matrix (``"adata.X"``, ``"adata.layers['counts']"``),
         used in error messages.
@@ -109,35 +153,42 @@ def validate_counts(
         feature = var_names[col] if var_names is not None else col
         return f"cell {cell!r}, feature {feature!r}"
 
-    checks = (
+    def non_integer(v):
+        return v != np.round(v)
+
+    checks = [
         (lambda v: ~np.isfinite(v), "NaN or infinite values",
          "Remove or impute them before setup; count models need finite counts."),
         (lambda v: v < 0, "negative values",
          "Counts cannot be negative: pass the raw count matrix (e.g. layer='counts'), "
          "not scaled or centred data."),
-    )
-    for predicate, what, fix in checks:
-        if any(predicate(block).any() for block in _value_blocks(matrix)):
-            row, col, value = _first_offender(matrix, predicate)
+    ]
+    if not allow_non_integer:
+        checks.append((
+            non_integer, "non-integer values",
+            "pyrovi models raw counts; this looks like normalized or log-transformed data. "
+            "Register the raw counts instead (e.g. layer='counts', or counts restored from "
+            "adata.raw), or pass allow_non_integer=True if you know these values are counts "
+            "on another scale.",
+        ))
+    on_disk = is_on_disk(matrix)
+    if on_disk:
+        offenders, totals = _scan_on_disk(OnDiskMatrix.of(matrix), [c[0] for c in checks])
+    for i, (predicate, what, fix) in enumerate(checks):
+        if on_disk:
+            offender = offenders[i]
+        elif any(predicate(block).any() for block in _value_blocks(matrix)):
+            offender = _first_offender(matrix, predicate)
+        else:
+            offender = None
+        if offender is not None:
+            row, col, value = offender
             raise CountDataError(
                 f"{source} contains {what} (first: {value!r} at {where(row, col)}). {fix}"
             )
 
-    if not allow_non_integer:
-        def non_integer(v):
-            return v != np.round(v)
-
-        if any(non_integer(block).any() for block in _value_blocks(matrix)):
-            row, col, value = _first_offender(matrix, non_integer)
-            raise CountDataError(
-                f"{source} contains non-integer values (first: {value!r} at {where(row, col)}). "
-                "pyrovi models raw counts; this looks like normalized or log-transformed data. "
-                "Register the raw counts instead (e.g. layer='counts', or counts restored from "
-                "adata.raw), or pass allow_non_integer=True if you know these values are counts "
-                "on another scale."
-            )
-
-    totals = cell_totals(matrix)
+    if not on_disk:
+        totals = cell_totals(matrix)
     n_empty = int((totals == 0).sum())
     if n_empty and not allow_empty_cells:
         first = np.flatnonzero(totals == 0)[0]

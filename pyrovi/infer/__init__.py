@@ -12,6 +12,7 @@ from pyrovi.infer.objective import (
 from pyrovi.infer.scaling import cell_plate, kl_scale
 from pyrovi.infer.training import (
     EarlyStopping,
+    EpochEnd,
     FitResult,
     TrainingPlan,
     default_max_epochs,
@@ -25,6 +26,7 @@ from pyrovi.infer.training import (
 __all__ = [
     "CellTerms",
     "EarlyStopping",
+    "EpochEnd",
     "FitResult",
     "TrainingPlan",
     "cell_plate",

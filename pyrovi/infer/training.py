@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,7 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrovi.data.tensors import ArrayTensors, CellTensors, as_cell_data
+from pyrovi.data.tensors import shuffled_minibatches as shuffled_minibatches  # re-exported
 from pyrovi.infer.devices import resolve_device
+from pyrovi.infer.distributed import DataParallel
 from pyrovi.infer.objective import (
     CellTerms,
     evaluate_terms,
@@ -96,20 +99,6 @@ def split_indices(
     return np.sort(permuted[:n_train]), np.sort(permuted[n_train : n_train + n_val])
 
 
-def shuffled_minibatches(index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Shuffle ``index`` (on its device) and cut it into minibatches.
-
-    A last minibatch of a single cell is merged into the previous one: batch norm cannot
-    normalise one cell.
-    """
-    permuted = index[torch.randperm(index.numel(), device=index.device)]
-    batches = list(torch.split(permuted, batch_size))
-    if len(batches) > 1 and batches[-1].numel() < 2:
-        batches[-2] = torch.cat(batches[-2:])
-        batches.pop()
-    return batches
-
-
 @dataclass
 class EarlyStopping:
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
@@ -166,6 +155,34 @@ class TrainingPlan:
     check_val_every_n_epoch: int = 1
     validation_batch_size: int = 1024
     progress_bar: bool = True
+
+
+@dataclass
+class EpochEnd:
+    """Where :func:`train_svi` stands after an epoch: what an ``on_epoch_end`` callback gets.
+
+    Attributes
+    ----------
+    epoch
+        The epoch just completed (numbered from ``start_epoch``).
+    step
+        Optimiser steps taken so far, counting those before ``start_epoch``.
+    row
+        The epoch's history row (``{"epoch": ..., "train_loss": ..., ...}``).
+    optimizer
+        The Adam optimiser (its ``state_dict()`` resumes the run).
+    early_stopping
+        The early-stopping tracker, ``None`` without early stopping.
+    last
+        Whether this is the last epoch of the call (``max_epochs`` reached or early stop).
+    """
+
+    epoch: int
+    step: int
+    row: dict
+    optimizer: torch.optim.Optimizer
+    early_stopping: EarlyStopping | None
+    last: bool
 
 
 def _epoch_means(prefix: str, terms_sum: CellTerms, n_cells: int) -> dict[str, float]:
@@ -241,6 +258,9 @@ def train_svi(
     validation_indices: np.ndarray,
     plan: TrainingPlan,
     start_epoch: int = 0,
+    resume_state: dict | None = None,
+    on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> pd.DataFrame:
     """Fit ``module`` (a model/guide pair) by SVI on ``data``.
 
@@ -257,7 +277,22 @@ def train_svi(
     plan
         Training options.
     start_epoch
-        Epoch number of the first epoch (to continue a history).
+        Epoch number of the first epoch (to continue a history); the epoch-based KL
+        warm-up continues from it.
+    resume_state
+        State of an interrupted run to continue exactly (see
+        :mod:`pyrovi.infer.checkpoint`): ``"optimizer"`` (Adam's ``state_dict``),
+        ``"step"`` (optimiser steps so far, for the step-based KL warm-up) and
+        ``"early_stopping"`` (``{"best": ..., "wait": ...}`` or ``None``).
+    on_epoch_end
+        Called with an :class:`EpochEnd` after every epoch's history row (to write
+        checkpoints, say); not called for an epoch whose loss is not finite.
+    parallel
+        Data-parallel context (:func:`pyrovi.infer.distributed.setup_data_parallel`): this
+        rank trains on its shard of ``train_indices`` and validates on its share of
+        ``validation_indices``, gradients are averaged over ranks after every backward
+        pass, and the history is computed over all ranks' cells, so that every rank keeps
+        the same parameters, history and early-stopping decision. ``None``: one process.
 
     Returns
     -------
@@ -272,9 +307,19 @@ def train_svi(
     elbo = make_elbo(plan.loss)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
-    train_index = torch.as_tensor(np.asarray(train_indices, dtype=np.int64), device=device)
-    n_train = train_index.numel()
+    resume_state = resume_state or {}
+    if resume_state.get("optimizer") is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+    # The ELBO is scaled to all training cells on every rank (each rank's minibatch is an
+    # unbiased estimate of the full-data ELBO; their gradients are averaged).
+    n_train = len(train_indices)
     has_validation = len(validation_indices) > 0
+    if parallel is not None:
+        parallel.broadcast_module(module)
+        train_indices = parallel.shard(train_indices)
+        validation_indices = np.array_split(np.asarray(validation_indices),
+                                            parallel.world_size)[parallel.rank]
+    train_index = torch.as_tensor(np.asarray(train_indices, dtype=np.int64), device=device)
     stopper = (
         EarlyStopping(plan.early_stopping_monitor, plan.early_stopping_patience,
                       plan.early_stopping_min_delta)
@@ -286,14 +331,20 @@ def train_svi(
             f"early_stopping monitors {stopper.monitor!r} but there are no validation cells; "
             "use train_size < 1 or monitor a *_train column."
         )
+    if stopper is not None and resume_state.get("early_stopping"):
+        stopper.best = resume_state["early_stopping"]["best"]
+        stopper.wait = resume_state["early_stopping"]["wait"]
 
     rows = []
-    step = start_epoch * math.ceil(n_train / plan.batch_size)
+    # The counted steps of the interrupted run when resuming: the estimate below is off
+    # when a one-cell last minibatch was merged into the previous one.
+    step = resume_state.get("step", start_epoch * math.ceil(train_index.numel()
+                                                              / plan.batch_size))
     epochs = tqdm(
         range(start_epoch, start_epoch + plan.max_epochs),
         desc="Training",
         unit="epoch",
-        disable=not plan.progress_bar,
+        disable=not plan.progress_bar or (parallel is not None and not parallel.is_main),
     )
     module.train()
     with pyro.validation_enabled(False):
@@ -301,10 +352,11 @@ def train_svi(
             loss_sum = torch.zeros((), device=device)
             reconstruction_sum = torch.zeros((), device=device)
             kl_sum = torch.zeros((), device=device)
-            for index in shuffled_minibatches(train_index, plan.batch_size):
+            # The data decides how an epoch is drawn: index gathers on the device for data
+            # in memory, block-shuffled buffers read from the file for data on disk.
+            for index, batch in data.training_batches(train_index, plan.batch_size):
                 kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
                                                plan.n_steps_kl_warmup)
-                batch = data.minibatch(index)
                 loss, terms = loss_and_terms(
                     elbo, module.model, module.guide, **batch, n_obs=n_train, kl_weight=kl_weight
                 )
@@ -312,19 +364,26 @@ def train_svi(
                 # has the same meaning; the ELBO itself is scaled to the training set.
                 optimizer.zero_grad(set_to_none=True)
                 (loss / n_train).backward()
+                if parallel is not None:
+                    parallel.average_gradients(params)
                 optimizer.step()
                 step += 1
                 loss_sum += loss.detach() * index.numel() / n_train
                 reconstruction_sum += terms.reconstruction.sum()
                 kl_sum += terms.kl.sum()
 
+            if parallel is not None:
+                # Each rank saw its shard: the epoch's sums over all cells, on every rank,
+                # and one set of batch-norm statistics.
+                loss_sum, reconstruction_sum, kl_sum = (
+                    parallel.sum(t) for t in (loss_sum, reconstruction_sum, kl_sum))
+                parallel.average_buffers(module)
             row = {"epoch": epoch, "kl_weight": kl_weight,
                    "train_loss": float(loss_sum) / n_train}
             row.update(_epoch_means("train", CellTerms(reconstruction_sum, kl_sum), n_train))
             if has_validation and (epoch + 1) % plan.check_val_every_n_epoch == 0:
-                val = evaluate_dataset(module, data, validation_indices, plan.validation_batch_size)
-                row.update(_epoch_means("validation", CellTerms(val.reconstruction.sum(),
-                                                                val.kl.sum()), val.kl.numel()))
+                val = _validation_sums(module, data, validation_indices, plan, parallel)
+                row.update(_epoch_means("validation", CellTerms(*val[:2]), val[2]))
             rows.append(row)
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(
@@ -334,16 +393,35 @@ def train_svi(
             epochs.set_postfix(
                 {k: f"{row[k]:.4g}" for k in ("train_loss", "elbo_validation") if k in row}
             )
-            if stopper is not None and stopper.monitor in row:
-                if stopper.should_stop(row[stopper.monitor]):
-                    logger.info(
-                        "Early stopping at epoch %d: %s did not improve for %d epochs (best %.4f).",
-                        epoch, stopper.monitor, stopper.patience, stopper.best,
-                    )
-                    break
+            stop = (stopper is not None and stopper.monitor in row
+                    and stopper.should_stop(row[stopper.monitor]))
+            # After the early-stopping update, so that a checkpoint holds this epoch's state.
+            if on_epoch_end is not None:
+                on_epoch_end(EpochEnd(epoch, step, row, optimizer, stopper,
+                                      last=stop or epoch == start_epoch + plan.max_epochs - 1))
+            if stop:
+                logger.info(
+                    "Early stopping at epoch %d: %s did not improve for %d epochs (best %.4f).",
+                    epoch, stopper.monitor, stopper.patience, stopper.best,
+                )
+                break
     epochs.close()
     module.eval()
     return pd.DataFrame(rows).set_index("epoch")
+
+
+def _validation_sums(module, data, indices, plan: TrainingPlan,
+                     parallel: DataParallel | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed reconstruction and KL of the validation cells, and their number (all ranks)."""
+    if len(indices):
+        terms = evaluate_dataset(module, data, indices, plan.validation_batch_size)
+        sums = torch.stack([terms.reconstruction.sum(), terms.kl.sum(),
+                            torch.tensor(float(len(indices)), device=data.device)])
+    else:
+        sums = torch.zeros(3, device=data.device)
+    if parallel is not None:
+        sums = parallel.sum(sums)
+    return sums[0], sums[1], int(sums[2])
 
 
 class FitResult(NamedTuple):

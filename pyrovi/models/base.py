@@ -27,6 +27,7 @@ from pyrovi.data import (
     register_new_data,
 )
 from pyrovi.data.registry import counts_matrix
+from pyrovi.data.streaming import LOADER_OPTIONS
 from pyrovi.infer import (
     TrainingPlan,
     default_max_epochs,
@@ -35,6 +36,8 @@ from pyrovi.infer import (
     split_indices,
     train_svi,
 )
+from pyrovi.infer import checkpoint as checkpoints
+from pyrovi.infer.distributed import local_device, setup_data_parallel
 from pyrovi.posterior import (
     differential_expression,
     latent_representation,
@@ -217,9 +220,21 @@ class BaseModel(ABC):
         train_indices: Sequence[int] | None = None,
         validation_indices: Sequence[int] | None = None,
         plan_kwargs: dict | None = None,
+        loader_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int | None = 1,
+        resume_from: str | os.PathLike | None = None,
+        strategy: str = "single",
         **kwargs,
     ) -> BaseModel:
         """Fit the model by stochastic variational inference (Pyro ELBO, Adam).
+
+        With ``checkpoint_dir``, the run writes a checkpoint every ``checkpoint_every``
+        epochs and at its end; ``resume_from`` continues an interrupted run from its last
+        checkpoint as if it had not stopped: same minibatches, draws, optimiser state, KL
+        warm-up, history and split (bit for bit on the CPU; on a GPU, up to its
+        non-deterministic kernels).
 
         Parameters
         ----------
@@ -254,22 +269,85 @@ class BaseModel(ABC):
         plan_kwargs, **kwargs
             Further :class:`~pyrovi.infer.TrainingPlan` options (``weight_decay``, ``eps``,
             ``check_val_every_n_epoch``, ``validation_batch_size``...).
+        loader_kwargs
+            Options of the on-disk loader, used when the counts are on disk (a backed
+            AnnData, see :func:`pyrovi.data.read_ondisk`): ``chunk_size`` (rows of the file
+            per contiguous read and unit of shuffling, default 256) and ``n_chunks_in_buffer``
+            (chunks read and shuffled together, default 16); host memory holds about
+            ``chunk_size * n_chunks_in_buffer`` rows of counts. No effect on data in memory.
+        checkpoint_dir
+            Folder for training checkpoints (``checkpoint-<epochs done>.pt``; see
+            :mod:`pyrovi.infer.checkpoint`). Each holds the weights, Adam's state, the random
+            generators' states, the epoch and step counters, the history, the split and
+            these options, and is written atomically. Refused if the folder holds
+            checkpoints of another run.
+        checkpoint_every
+            Epochs between checkpoints (default 1; on resume, the interrupted run's). The
+            last epoch (or the early-stopping one) is always checkpointed.
+        keep_checkpoints
+            How many of the newest checkpoints to keep; ``None`` keeps all.
+        strategy
+            ``"single"`` (one process) or ``"ddp"``: data-parallel training over the
+            processes of a ``torchrun`` launch (one per GPU, or CPU workers with Gloo), each
+            on its shard of the training cells, with gradients averaged over processes; see
+            :mod:`pyrovi.infer.distributed`. Only rank 0 shows progress and writes
+            checkpoints; every rank ends with the same parameters and history.
+        resume_from
+            A checkpoint file, or a checkpoint folder (its newest), of an interrupted run of
+            this model (same class, constructor arguments, setup and cells). The weights,
+            split, history, options and optimiser and generator states are restored and
+            the remaining epochs of the run's ``max_epochs`` are trained; the training
+            arguments of this call are then not used, except ``device``, ``progress_bar``
+            and the checkpoint ones (checkpoints go on in the same folder unless
+            ``checkpoint_dir`` says otherwise). A finished run is restored, not trained.
 
         Returns
         -------
         The model itself, trained; per-epoch history in ``model.history``.
+
+        Raises
+        ------
+        FileExistsError
+            ``checkpoint_dir`` holds checkpoints of another run.
+        ValueError, TypeError
+            ``resume_from`` is a checkpoint of another model, data or setup, or
+            ``max_epochs`` contradicts the run being resumed.
+
+        Examples
+        --------
+        >>> model.train(max_epochs=400, checkpoint_dir="run/checkpoints")  # doctest: +SKIP
+        >>> # after an interruption, in a new process:
+        >>> model = pyrovi.SCVI(adata)  # doctest: +SKIP
+        >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
+        if checkpoint_every is not None and checkpoint_dir is None and resume_from is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir= (where to write them).")
+        if resume_from is not None and strategy != "single":
+            raise ValueError("resume_from continues a single-process run; strategy='ddp' "
+                             "cannot resume it.")
+        if resume_from is not None:
+            return self._resume(resume_from, max_epochs=max_epochs, device=device,
+                                progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
+                                checkpoint_every=checkpoint_every, keep=keep_checkpoints)
         options = {**(plan_kwargs or {}), **kwargs}
         unknown = set(options) - _PLAN_FIELDS
         if unknown:
             raise TypeError(
                 f"Unknown training option(s) {sorted(unknown)}; valid: {sorted(_PLAN_FIELDS)}."
             )
-        if seed is not None:
-            pyro.set_rng_seed(seed)
+        unknown = set(loader_kwargs or {}) - set(LOADER_OPTIONS)
+        if unknown:
+            raise TypeError(f"Unknown loader_kwargs {sorted(unknown)}; valid: {LOADER_OPTIONS}.")
         self.device = resolve_device(device)
+        if strategy == "ddp":
+            self.device = local_device(self.device)
+        parallel = setup_data_parallel(strategy, self.device)
+        if seed is not None:
+            # Each rank draws its own noise and minibatches; the split below uses `seed` alone.
+            pyro.set_rng_seed(seed + (parallel.rank if parallel is not None else 0))
         self.module.to(self.device)
-        data = build_cell_tensors(self.adata, self.registry, self.device)
+        data = build_cell_tensors(self.adata, self.registry, self.device,
+                                  loader_kwargs=loader_kwargs)
         if train_indices is not None:
             explicit = (np.asarray(train_indices),
                         np.asarray([] if validation_indices is None else validation_indices))
@@ -304,15 +382,152 @@ class BaseModel(ABC):
             "early_stopping": early_stopping, "n_epochs_kl_warmup": n_epochs_kl_warmup,
             "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
             "device": str(self.device), **options,
+            **({"loader_kwargs": dict(loader_kwargs)} if loader_kwargs else {}),
+            **({"strategy": strategy, "world_size": parallel.world_size} if parallel else {}),
         }
         self._initialize_prior(data)
         start = 0 if self.history is None else int(self.history.index.max()) + 1
+        writer = None
+        if checkpoint_dir is not None and (parallel is None or parallel.is_main):
+            writer = self._checkpoint_writer(checkpoint_dir, checkpoint_every or 1,
+                                             keep_checkpoints, start, max_epochs, start)
+        return self._run_svi(data, plan, start, None, writer, parallel)
+
+    def _run_svi(self, data: CellTensors, plan: TrainingPlan, start: int,
+                 resume_state: dict | None, writer, parallel=None) -> BaseModel:
+        """The SVI loop from epoch ``start``; its history is appended to the model's."""
         history = train_svi(
-            self.module, data, self.train_indices, self.validation_indices, plan, start
+            self.module, data, self.train_indices, self.validation_indices, plan, start,
+            resume_state=resume_state, on_epoch_end=writer, parallel=parallel,
         )
         self.history = history if self.history is None else pd.concat([self.history, history])
         self.is_trained = True
         return self
+
+    def _checkpoint_writer(self, directory, every: int, keep: int | None, first_epoch: int,
+                           max_epochs: int, start: int,
+                           replace_later: bool = False) -> checkpoints.CheckpointWriter:
+        """The ``on_epoch_end`` callback writing this run's checkpoints."""
+        fingerprint = checkpoints.data_fingerprint(self.adata)
+        run = {"first_epoch": first_epoch, "max_epochs": max_epochs,
+               "split_key": self._split[0], "data": fingerprint}
+        return checkpoints.CheckpointWriter(
+            directory, every, keep,
+            lambda history: self._saved_state(history, True, fingerprint),
+            self.history, run, self.device, start_epoch=start, replace_later=replace_later,
+        )
+
+    def _resume(self, path, max_epochs: int | None, device, progress_bar: bool,
+                checkpoint_dir, checkpoint_every: int | None, keep: int | None) -> BaseModel:
+        """Restore the run checkpointed at ``path`` and train its remaining epochs."""
+        state = checkpoints.read_checkpoint(path)
+        if max_epochs is not None and max_epochs != state["max_epochs"]:
+            raise ValueError(
+                f"The run in {os.fspath(state['path'])!r} was for max_epochs="
+                f"{state['max_epochs']}; resume_from continues it to that end. Train further "
+                "with another train() call once it has finished."
+            )
+        self._restore(state)
+        done = state["epochs_done"]
+        end = state["first_epoch"] + state["max_epochs"]
+        if state["finished"] or done >= end:
+            logger.info("%s is the end of its run (%d epochs); nothing left to train.",
+                        state["path"].name, done)
+            return self
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        # The interrupted run's on-disk chunking: it decides the minibatches of its epochs.
+        data = build_cell_tensors(self.adata, self.registry, self.device,
+                                  loader_kwargs=self.train_params.get("loader_kwargs"))
+        options = {k: v for k, v in self.train_params.items() if k in _PLAN_FIELDS}
+        plan = TrainingPlan(**{**options, "max_epochs": end - done,
+                               "progress_bar": progress_bar})
+        logger.info("Resuming %s from %s: epochs %d to %d of the run, on %s.",
+                    type(self).__name__, state["path"], done, end - 1, self.device)
+        writer = self._checkpoint_writer(
+            checkpoint_dir or state["path"].parent, checkpoint_every or state["checkpoint_every"],
+            keep, state["first_epoch"], state["max_epochs"], done, replace_later=True,
+        )
+        # Last, so that nothing between here and the first minibatch draws from them.
+        checkpoints.set_rng_state(state["rng"], self.device)
+        resume_state = {k: state[k] for k in ("optimizer", "step", "early_stopping")}
+        return self._run_svi(data, plan, done, resume_state, writer)
+
+    def _restore(self, state: dict) -> None:
+        """Set weights, history, split and options from a checkpoint of a run of this model.
+
+        Raises
+        ------
+        TypeError
+            A checkpoint of another model class.
+        ValueError
+            Other genes, constructor arguments, setup or cells than this model's.
+        """
+        saved = state["model"]
+        where = os.fspath(state["path"])
+        if saved["model_class"] != type(self).__name__:
+            raise TypeError(f"{where!r} is a checkpoint of a {saved['model_class']}, not of a "
+                            f"{type(self).__name__}.")
+        if saved["var_names"] != list(map(str, self.var_names)):
+            raise ValueError(f"{where!r} is a checkpoint of a model on other genes.")
+        own = saved_init_params(self.init_params)
+        differ = sorted(k for k in set(own) | set(saved["init_params"])
+                        if own.get(k) != saved["init_params"].get(k))
+        if differ:
+            theirs = ", ".join(f"{k}={saved['init_params'].get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{where!r} is a checkpoint of a {type(self).__name__} built with other "
+                f"arguments ({theirs}); build the model with them, or use "
+                f"{type(self).__name__}.load_checkpoint."
+            )
+        registry = {k: v for k, v in self.registry.to_dict().items() if k != "n_cells"}
+        differ = sorted(k for k in set(registry) | set(saved["registry"]) if k != "n_cells"
+                        and registry.get(k) != saved["registry"].get(k))
+        if differ:
+            raise ValueError(f"{where!r} is a checkpoint of a model set up differently "
+                             f"({differ} differ); call setup_anndata as for that run.")
+        if state["data"] != checkpoints.data_fingerprint(self.adata):
+            raise ValueError(
+                f"{where!r} is a checkpoint of a run on other cells ({state['data']['n_obs']} "
+                "cells, or other names); its train/validation split would not apply."
+            )
+        self._set_saved_state(saved)
+        self._split = (state["split_key"], (self.train_indices, self.validation_indices))
+
+    @classmethod
+    def load_checkpoint(cls, path: str | os.PathLike, adata, device: str = "cpu",
+                        **custom_params) -> BaseModel:
+        """The model of a training checkpoint, as it was at that epoch.
+
+        Built from the checkpoint's constructor arguments and setup (``adata`` need not be
+        set up), with its weights, history and split. Continue the run with
+        ``model.train(resume_from=path)``, or use the model as it is.
+
+        Parameters
+        ----------
+        path
+            A checkpoint file, or a checkpoint folder (its newest checkpoint).
+        adata
+            The data of the run (same genes; the same cells to resume it).
+        device
+            Where to put the module.
+        **custom_params
+            Custom constructor objects, as for :meth:`load`.
+
+        Returns
+        -------
+        The model.
+
+        Examples
+        --------
+        >>> model = pyrovi.SCVI.load_checkpoint("run/checkpoints", adata)  # doctest: +SKIP
+        >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
+        """
+        state = checkpoints.read_checkpoint(path)
+        model = cls._from_saved(state["model"], adata, device, custom_params,
+                                os.fspath(state["path"]))
+        model._split = (state["split_key"], (model.train_indices, model.validation_indices))
+        return model
 
     def _initialize_prior(self, data: CellTensors) -> None:
         """Give a data-initialised prior (the VampPrior's pseudo-inputs) random training cells.
@@ -666,23 +881,64 @@ class BaseModel(ABC):
                 f"{os.fspath(dir_path)!r} exists; pass overwrite=True to replace its contents."
             )
         os.makedirs(dir_path, exist_ok=True)
-        checkpoint = {
+        torch.save(self._saved_state(self.history, self.is_trained),
+                   os.path.join(dir_path, _CHECKPOINT))
+        if save_anndata:
+            self.adata.write_h5ad(os.path.join(dir_path, _SAVED_ADATA))
+
+    def _saved_state(self, history: pd.DataFrame | None, is_trained: bool,
+                     fingerprint: dict | None = None) -> dict:
+        """The model as :meth:`save` stores it (and training checkpoints embed it).
+
+        ``fingerprint`` is :func:`~pyrovi.infer.checkpoint.data_fingerprint` of the model's
+        data when already known (a checkpoint writer computes it once per run).
+        """
+        return {
             "model_class": type(self).__name__,
             "pyrovi_version": __version__,
             "init_params": saved_init_params(self.init_params),
             "registry": self.registry.to_dict(),
             "var_names": list(map(str, self.var_names)),
             "state_dict": {k: v.cpu() for k, v in self.module.state_dict().items()},
-            "history": None if self.history is None else self.history.to_dict("list"),
-            "history_index": None if self.history is None else list(self.history.index),
+            "history": None if history is None else history.to_dict("list"),
+            "history_index": None if history is None else list(history.index),
             "train_indices": self.train_indices,
             "validation_indices": self.validation_indices,
-            "is_trained": self.is_trained,
+            "is_trained": is_trained,
             "train_params": self.train_params,
+            # Which cells the split refers to (tools such as the command line's card check it).
+            "data": fingerprint or checkpoints.data_fingerprint(self.adata),
         }
-        torch.save(checkpoint, os.path.join(dir_path, _CHECKPOINT))
-        if save_anndata:
-            self.adata.write_h5ad(os.path.join(dir_path, _SAVED_ADATA))
+
+    def _set_saved_state(self, saved: dict) -> None:
+        """Weights, history, split and training record from :meth:`_saved_state` output."""
+        self.module.load_state_dict(saved["state_dict"])
+        self.history = None
+        if saved["history"] is not None:
+            self.history = pd.DataFrame(saved["history"],
+                                        index=pd.Index(saved["history_index"], name="epoch"))
+        self.train_indices = saved["train_indices"]
+        self.validation_indices = saved["validation_indices"]
+        self.is_trained = saved["is_trained"]
+        self.train_params = saved.get("train_params")
+
+    @classmethod
+    def _from_saved(cls, saved: dict, adata, device, custom_params: dict, where: str):
+        """A model of class ``cls`` on ``adata`` from :meth:`_saved_state` output."""
+        if saved["model_class"] != cls.__name__:
+            raise TypeError(
+                f"{where!r} holds a {saved['model_class']}; use pyrovi.{saved['model_class']} "
+                "to load it."
+            )
+        init_params = restored_init_params(saved["init_params"], custom_params, cls.__name__)
+        registry = AnnDataRegistry.from_dict(saved["registry"])
+        adata = cls._as_anndata(adata)
+        register_new_data(registry, adata, saved["var_names"])
+        model = cls(adata, **init_params)
+        model._set_saved_state(saved)
+        model.device = resolve_device(device)
+        model.module.to(model.device).eval()
+        return model
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata=None, device: str = "cpu",
@@ -718,8 +974,8 @@ class BaseModel(ABC):
                 f"{os.fspath(dir_path)!r} holds a {checkpoint['model_class']}; load it with "
                 f"pyrovi.{checkpoint['model_class']}.load."
             )
-        init_params = restored_init_params(checkpoint["init_params"], custom_params,
-                                           cls.__name__)
+        # Checked before reading a saved AnnData, so that a missing object is reported first.
+        restored_init_params(checkpoint["init_params"], custom_params, cls.__name__)
         if adata is None:
             saved = os.path.join(dir_path, _SAVED_ADATA)
             if not os.path.exists(saved):
@@ -727,18 +983,4 @@ class BaseModel(ABC):
                     "No AnnData was saved with this model (save_anndata=False); pass adata=."
                 )
             adata = anndata.read_h5ad(saved)
-        registry = AnnDataRegistry.from_dict(checkpoint["registry"])
-        adata = cls._as_anndata(adata)
-        register_new_data(registry, adata, checkpoint["var_names"])
-        model = cls(adata, **init_params)
-        model.module.load_state_dict(checkpoint["state_dict"])
-        model.device = resolve_device(device)
-        model.module.to(model.device).eval()
-        if checkpoint["history"] is not None:
-            model.history = pd.DataFrame(checkpoint["history"],
-                                         index=pd.Index(checkpoint["history_index"], name="epoch"))
-        model.train_indices = checkpoint["train_indices"]
-        model.validation_indices = checkpoint["validation_indices"]
-        model.is_trained = checkpoint["is_trained"]
-        model.train_params = checkpoint.get("train_params")
-        return model
+        return cls._from_saved(checkpoint, adata, device, custom_params, os.fspath(dir_path))

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from pyrovi._gaussian_mixture import fit_gaussian_mixture_1d
+from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk
 from pyrovi.data.registry import categories_of
 from pyrovi.data.validation import cell_totals
 
@@ -325,6 +326,56 @@ def raw_counts_properties(
     return {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
 
 
+def streamed_raw_counts_properties(
+    counts, groups: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """:func:`raw_counts_properties` of several comparisons in one pass over counts on disk.
+
+    Gathering a group's rows would load the matrix for a one-versus-rest comparison; instead
+    each block of rows adds its members' counts to every group's sums (a sparse indicator
+    product), so memory holds one block and ``3 × n_groups`` feature vectors.
+
+    Parameters
+    ----------
+    counts
+        A count matrix on disk (see :mod:`pyrovi.data.ondisk`).
+    groups
+        ``(cells1, cells2)`` positions of each comparison.
+
+    Returns
+    -------
+    list of dict
+        One :func:`raw_counts_properties` result per comparison.
+    """
+    matrix = OnDiskMatrix.of(counts)
+    cells = [np.sort(np.asarray(c, dtype=np.int64)) for pair in groups for c in pair]
+    sums = {name: np.zeros((len(cells), matrix.shape[1]))
+            for name in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
+    for start, block in matrix.row_blocks():
+        stop = start + block.shape[0]
+        rows, members = [], []
+        for g, positions in enumerate(cells):
+            inside = positions[np.searchsorted(positions, start):
+                               np.searchsorted(positions, stop)] - start
+            rows.append(np.full(inside.size, g))
+            members.append(inside)
+        # Repeated positions count as often as they appear, as rows gathered in memory do.
+        indicator = sp.csr_matrix(
+            (np.ones(sum(m.size for m in members)), (np.concatenate(rows),
+                                                      np.concatenate(members))),
+            shape=(len(cells), block.shape[0]))
+        block = sp.csr_matrix(block, dtype=np.float64)
+        totals = np.asarray(block.sum(axis=1)).ravel()
+        scaling = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+        for name, values in (("raw_mean", block), ("non_zeros_proportion", block != 0),
+                             ("raw_normalized_mean", sp.diags(scaling) @ block)):
+            sums[name] += (indicator @ values).toarray()
+    sizes = np.array([c.size for c in cells], dtype=np.float64)[:, None]
+    means = {name: total / sizes for name, total in sums.items()}
+    return [{f"{name}{i + 1}": means[name][2 * k + i] for name in means for i in range(2)}
+            for k in range(len(groups))]
+
+
 @dataclass
 class Comparison:
     """One comparison: cell positions of both groups and the names reported for them."""
@@ -463,16 +514,26 @@ def differential_expression(
         raise ValueError(f"mode must be one of {DE_MODES}, got {mode!r}.")
     rng = np.random.default_rng(seed)
     comparisons = plan_comparisons(obs, groupby, group1, group2, idx1, idx2)
-    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
-    totals = cell_totals(counts)
     estimate_offset = mode == "change" and pseudocounts is None
+    streamed = None
+    if is_on_disk(counts):
+        # Counts left on disk: every comparison's summaries in one pass over the file.
+        if all_stats or estimate_offset:
+            streamed = streamed_raw_counts_properties(
+                counts, [(c.cells1, c.cells2) for c in comparisons])
+    else:
+        counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+        totals = cell_totals(counts)
     frames = []
-    for comparison in tqdm(comparisons, desc="Differential expression", disable=silent):
+    for i, comparison in enumerate(tqdm(comparisons, desc="Differential expression",
+                                        disable=silent)):
         first = sample_group_scales(sampler, comparison.cells1, n_samples, batch_codes1, rng)
         second = sample_group_scales(sampler, comparison.cells2, n_samples, batch_codes2, rng)
         scale1, scale2 = paired_draws(first, second, use_permutation, m_permutation, rng)
         raw = {}
-        if all_stats or estimate_offset:
+        if streamed is not None:
+            raw = streamed[i]
+        elif all_stats or estimate_offset:
             raw = raw_counts_properties(counts, comparison.cells1, comparison.cells2, totals)
         offset = 0.0 if mode == "vanilla" else pseudocounts
         if estimate_offset:
