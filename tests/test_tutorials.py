@@ -26,7 +26,10 @@ def test_tutorial_runs(notebook, tmp_path, monkeypatch):
             pytest.skip(f"{notebook.name} reads {SHARED_DATA}, which is absent (a fresh clone).")
         monkeypatch.setenv("PYROVI_SHARED_DATA", str(SHARED_DATA))
     namespace: dict = {}
-    for i, cell in enumerate(content["cells"]):
-        if cell["cell_type"] == "code":
-            source = "".join(cell["source"])
-            exec(compile(source, f"{notebook.name}[cell {i}]", "exec"), namespace)
+    try:
+        for i, cell in enumerate(content["cells"]):
+            if cell["cell_type"] == "code":
+                source = "".join(cell["source"])
+                exec(compile(source, f"{notebook.name}[cell {i}]", "exec"), namespace)
+    finally:
+        matplotlib.pyplot.close("all")  # figures of one notebook do not pile up into the next
