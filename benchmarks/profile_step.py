@@ -35,8 +35,9 @@ from _common import SHARED, cpu_name, write_section
 
 import pyrovi
 from pyrovi.data import build_cell_tensors
+from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.infer.objective import cell_terms, make_elbo, trace_elbo_surrogate_loss
-from pyrovi.infer.training import make_adam, shuffled_minibatches
+from pyrovi.infer.training import make_adam
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DATASETS = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.infer import (
     cell_plate,
     default_max_epochs,
@@ -19,7 +20,7 @@ from pyrovi.infer import (
     split_indices,
 )
 from pyrovi.infer.objective import trace_elbo_surrogate_loss
-from pyrovi.infer.training import EarlyStopping, shuffled_minibatches
+from pyrovi.infer.training import EarlyStopping
 
 
 def toy_model(x, n_obs=None, kl_weight=1.0):

@@ -31,8 +31,8 @@ from pyrovi.data import (
     read_ondisk,
 )
 from pyrovi.data.streaming import planned_batch_sizes
+from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.datasets import simulate_counts
-from pyrovi.infer.training import shuffled_minibatches
 
 
 def backed_copy(adata, path, fmt: str = "h5ad"):

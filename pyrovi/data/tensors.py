@@ -13,6 +13,7 @@ them a block at a time behind the same two methods.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -135,7 +136,7 @@ def shuffled_minibatches(
     return batches
 
 
-class CellData:
+class CellData(ABC):
     """Per-cell data the training loop and the posterior utilities read (the loader interface).
 
     Subclasses hold the cells on a device (:class:`CellTensors`, :class:`ArrayTensors`) or
@@ -146,9 +147,9 @@ class CellData:
     n_obs: int
     device: torch.device
 
+    @abstractmethod
     def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Keyword arguments of a model/guide call for cells ``index``."""
-        raise NotImplementedError
 
     def training_batches(
         self, train_index, batch_size: int, generator: torch.Generator | None = None

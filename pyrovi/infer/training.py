@@ -26,8 +26,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrovi.data.tensors import ArrayTensors, CellTensors, as_cell_data
-from pyrovi.data.tensors import shuffled_minibatches as shuffled_minibatches  # re-exported
+from pyrovi.data.tensors import CellData, as_cell_data
 from pyrovi.infer.devices import resolve_device
 from pyrovi.infer.distributed import DataParallel
 from pyrovi.infer.objective import (
@@ -232,7 +231,7 @@ def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
 
 
 def evaluate_dataset(
-    module, data: CellTensors | ArrayTensors, indices, batch_size: int = 1024
+    module, data: CellData, indices, batch_size: int = 1024
 ) -> CellTerms:
     """Per-cell ELBO terms of ``indices`` (module in eval mode, full KL weight).
 
@@ -253,7 +252,7 @@ def evaluate_dataset(
 
 def train_svi(
     module,
-    data: CellTensors | ArrayTensors,
+    data: CellData,
     train_indices: np.ndarray,
     validation_indices: np.ndarray,
     plan: TrainingPlan,
@@ -270,7 +269,7 @@ def train_svi(
         ``nn.Module`` with ``model(x=..., ..., n_obs=, kl_weight=)`` and ``guide(...)``, already
         on ``data.device``.
     data
-        Per-cell data on the training device: registered data (:class:`CellTensors`) or
+        Per-cell data on the training device: registered data (:class:`CellTensors`, or on disk) or
         your own arrays (:class:`~pyrovi.data.ArrayTensors` or a mapping of them).
     train_indices, validation_indices
         Cells (rows of ``data``) to train on and to validate on.
