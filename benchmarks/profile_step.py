@@ -41,7 +41,7 @@ from pyrovi.infer.training import make_adam
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DATASETS = {
-    "mouse_brain_10k": "mouse_brain_10k.h5ad",
+    "mouse_brain_10k": "mouse_brain_10k.h5ad", "cellbench": "cellbench_lung_celllines_5batch.h5ad",
     "pbmc_2batch_4k_genes": "pbmc10k_5k_rna_2batch.h5ad",
 }
 PHASES = ("gather", "traces", "surrogate", "cell terms", "backward", "optimizer")

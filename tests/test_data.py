@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 
 import pyrovi
+from pyrovi._nonzero_positions import tagged_nonzero_positions
 from pyrovi.data import (
     AnnDataRegistry,
     CountDataError,
@@ -189,8 +190,31 @@ def test_cpu_count_matrix_shares_the_csr_arrays():
     matrix = CountMatrix(X, "cpu")
     assert np.shares_memory(matrix.data.numpy(), X.data)
     assert np.shares_memory(matrix.indices.numpy(), X.indices)
+    assert np.shares_memory(matrix._host_csr.data, X.data)  # scipy's view for CPU gathers
+    assert np.shares_memory(matrix._host_csr.indices, X.indices)
     index = torch.tensor([499, 0, 250])
     np.testing.assert_array_equal(matrix.gather(index).numpy(), X[index.numpy()].toarray())
+
+
+def test_cpu_gather_records_nonzero_positions_and_matches_the_device_path():
+    # Non-canonical input (unsorted, duplicate entries, stored zeros): the CPU gather
+    # (scipy) and the accelerator gather (index arithmetic, run here on the CPU) agree,
+    # and the positions the CPU gather records are exactly the dense rows' non-zeros.
+    data = np.array([2.0, 0.0, 1.0, 3.0, 1.0, 0.0, 4.0], dtype=np.float32)
+    indices = np.array([3, 1, 0, 3, 3, 2, 0], dtype=np.int32)
+    indptr = np.array([0, 3, 3, 5, 7])
+    X = sp.csr_matrix((data, indices, indptr), shape=(4, 5))
+    matrix = CountMatrix(X, "cpu")
+    index = torch.tensor([2, 0, 1, 3, 2])
+    x = matrix.gather(index)
+    np.testing.assert_array_equal(x.numpy(), X[index.numpy()].toarray())
+    assert torch.equal(x, matrix._gather_on_device(index))
+    flat, columns = tagged_nonzero_positions(x)
+    expected = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
+    assert torch.equal(flat, expected)
+    assert torch.equal(columns, expected % x.shape[1])
+    x[0, 0] = 7.0  # modified in place: the record no longer describes it
+    assert tagged_nonzero_positions(x) is None
 
 
 def test_training_and_embedding_never_densify_the_whole_matrix(small_adata, monkeypatch):

@@ -7,9 +7,11 @@ import mpmath
 import numpy as np
 import pyro
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import special, stats
 
+from pyrovi._nonzero_positions import dense_csr_rows, tagged_nonzero_positions
 from pyrovi.distributions import (
     NegativeBinomial,
     Poisson,
@@ -22,12 +24,21 @@ from pyrovi.distributions._functional import THETA_SWITCH
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(params=["gather", "dense"])
+@pytest.fixture(params=["gather", "known", "dense"])
 def evaluation_path(request, monkeypatch):
-    """Both ways of evaluating the NB terms that vanish at zero: at the gathered non-zero
-    counts (the CPU default) and at every entry (the accelerator default), on the CPU."""
+    """The ways of evaluating the NB terms that vanish at zero, all on the CPU: at the
+    non-zero counts found by search (the CPU default for dense input), at the non-zero
+    positions a loader recorded (the CPU default for minibatches densified from sparse
+    rows; here every count tensor is treated as recorded) and at every entry (the
+    accelerator default)."""
     if request.param == "dense":
         monkeypatch.setattr(_nb_log_density, "gathers_nonzero", lambda x: False)
+    if request.param == "known":
+        def recorded(x):
+            flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
+            return flat, flat % x.shape[-1]
+
+        monkeypatch.setattr(_nb_log_density, "tagged_nonzero_positions", recorded)
     return request.param
 
 
@@ -556,3 +567,27 @@ def test_log_factorial_table_matches_lgamma_and_falls_back():
         torch.testing.assert_close(_log_factorial(x), torch.lgamma(x + 1), rtol=1e-12, atol=0)
     x32 = torch.tensor([0.0, 5.0, 40000.0])
     torch.testing.assert_close(_log_factorial(x32), torch.lgamma(x32.double() + 1).float())
+
+
+def test_recorded_nonzero_positions_give_the_same_zinb_values_and_gradients():
+    # A minibatch densified from CSR rows carries its non-zero positions; the ZINB
+    # log-density and its gradients must not depend on whether they were recorded.
+    rng = np.random.default_rng(11)
+    counts = sp.random(64, 300, density=0.3, format="csr", random_state=rng,
+                       data_rvs=lambda n: rng.integers(1, 400, n)).astype(np.float32)
+    tagged = dense_csr_rows(counts)
+    assert tagged_nonzero_positions(tagged) is not None
+    plain = tagged.clone()
+    assert tagged_nonzero_positions(plain) is None
+    mu = rng.uniform(0.01, 50, plain.shape)
+    theta = 10 ** rng.uniform(-2, 4, plain.shape[1])
+    logits = rng.uniform(-5, 5, plain.shape)
+    results = []
+    for x in (tagged, plain):
+        params = [torch.tensor(p, dtype=torch.float32, requires_grad=True)
+                  for p in (mu, theta, logits)]
+        value = ZeroInflatedNegativeBinomial(*params).log_prob(x)
+        value.sum().backward()
+        results.append([value.detach()] + [p.grad for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pyrovi._nonzero_positions import dense_csr_rows
 from pyrovi.data.ondisk import OnDiskMatrix
 from pyrovi.data.tensors import CellData, CountMatrix, Minibatch
 from pyrovi.data.validation import cell_totals
@@ -53,12 +54,16 @@ def dense_rows(block, device: torch.device) -> torch.Tensor:
     """A block of rows (CSR or dense, host memory) as a dense float32 tensor on ``device``.
 
     Sparse rows travel as their stored values and are scattered into zeros on the device,
-    so a GPU receives the non-zeros only.
+    so a GPU receives the non-zeros only; on the CPU the dense rows remember where they are
+    non-zero (:func:`~pyrovi._nonzero_positions.dense_csr_rows`).
     """
     if not sp.issparse(block):
         return torch.as_tensor(np.asarray(block, dtype=np.float32)).to(device)
     block = sp.csr_matrix(block)
     block.sum_duplicates()  # non-canonical CSR on disk: entries of one position add up
+    if device.type == "cpu":
+        block.eliminate_zeros()
+        return dense_csr_rows(block)
     rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
     out = torch.zeros(block.shape, dtype=torch.float32, device=device)
     out[torch.as_tensor(rows, device=device),

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
+from pyrovi._nonzero_positions import tagged_nonzero_positions
 from pyrovi.distributions._functional import (
     THETA_SWITCH,
     _stirling_rising_excess,
@@ -184,11 +185,14 @@ class _ZeroTermPositions:
     the non-zero ones, so that nothing waits for the device. See :func:`gathers_nonzero`.
     """
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.shape = x.shape
         self.dense = not gathers_nonzero(x)
         if self.dense:
             self.positive = x > 0
+        elif known is not None:
+            # Densified from sparse rows: the loader recorded where the non-zeros are.
+            self.flat, self.columns = known
         else:
             # nonzero() on a bool mask is 2x faster than on the float counts.
             self.flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
@@ -227,12 +231,15 @@ def _log_prob_and_derivatives(
     theta: torch.Tensor,
     zi_logits: torch.Tensor | None,
     with_grads: bool,
+    known_nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Elementwise NB (``zi_logits=None``) or ZINB log-density and local derivatives.
 
     ``x``, ``mu`` and ``zi_logits`` share one shape; ``theta`` is broadcastable to it
-    (typically one value per gene). Returns the value and ``(d_mu, d_theta, d_zi_logits)``
-    (``None`` where not computed), all of the full shape.
+    (typically one value per gene). ``known_nonzero`` is ``(flat, columns)`` of the
+    non-zero counts when the caller knows them (see :mod:`pyrovi._nonzero_positions`).
+    Returns the value and ``(d_mu, d_theta, d_zi_logits)`` (``None`` where not computed),
+    all of the full shape.
     """
     theta_small = theta.clamp(max=THETA_SWITCH)
     lgamma_theta = torch.lgamma(theta_small)
@@ -251,7 +258,7 @@ def _log_prob_and_derivatives(
 
     # On the CPU the lgamma/digamma terms are evaluated at the non-zero counts only: they
     # cost more than the gathers, even at 50% non-zero (measured).
-    positions = _ZeroTermPositions(x)
+    positions = _ZeroTermPositions(x, known_nonzero)
     at = positions.at
     extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
         at(x), at(mu), at(theta), at(lgamma_theta),
@@ -278,7 +285,7 @@ class _CountLogProb(torch.autograd.Function):
     """Autograd wrapper: value and local derivatives forward, products backward."""
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits):
+    def forward(ctx, x, mu, theta, zi_logits, known_nonzero):
         shape = x.shape
         value, derivatives = _log_prob_and_derivatives(
             x,
@@ -286,6 +293,7 @@ class _CountLogProb(torch.autograd.Function):
             theta,
             None if zi_logits is None else zi_logits.expand(shape),
             with_grads=True,
+            known_nonzero=known_nonzero,
         )
         ctx.save_for_backward(*(d for d in derivatives if d is not None))
         ctx.shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
@@ -295,20 +303,24 @@ class _CountLogProb(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
-        grads = [None]
-        for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[1:], strict=True):
+        grads = [None]  # x
+        for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[1:4], strict=True):
             if shape is None:
                 grads.append(None)
                 continue
             derivative = next(saved)
             grads.append((grad * derivative).sum_to_size(shape) if needed else None)
-        return tuple(grads)
+        return (*grads, None)  # nothing for known_nonzero
 
 
 def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
     """NB (``zi_logits=None``) or ZINB log-density through :class:`_CountLogProb`."""
     tensors = [x, mu, theta] if zi_logits is None else [x, mu, theta, zi_logits]
+    known = tagged_nonzero_positions(x)  # read before broadcasting makes new views
+    shape_before = x.shape
     x, mu, theta, *rest = broadcast_all(*tensors)
+    if x.shape != shape_before:
+        known = None
     zi_logits = rest[0] if rest else None
     x = x.to(mu.dtype)
     if x.device.type == "meta":  # shape-only evaluation
@@ -320,7 +332,7 @@ def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
     params = [p for p in (mu, theta, zi_logits) if p is not None]
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         value, _ = _log_prob_and_derivatives(
-            x, mu, _unbroadcast(theta), zi_logits, with_grads=False
+            x, mu, _unbroadcast(theta), zi_logits, with_grads=False, known_nonzero=known
         )
         return value
     return _CountLogProb.apply(
@@ -328,6 +340,7 @@ def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
         _unbroadcast(mu),
         _unbroadcast(theta),
         None if zi_logits is None else _unbroadcast(zi_logits),
+        known,
     )
 
 

@@ -1,0 +1,86 @@
+"""Where a dense count minibatch is non-zero, remembered from the sparse rows it came from.
+
+On the CPU the count likelihoods evaluate their lgamma/digamma terms at the non-zero counts
+only, and finding them in a dense minibatch (``torch.nonzero``) costs as much as gathering
+the minibatch itself. When the minibatch is densified from CSR rows the positions are
+already known, so the loader tags the dense tensor with them and the likelihood reads them
+back. A tag is ignored once the tensor has been modified in place (its version counter
+moved), so a stale tag cannot be used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+_TAG = "_pyrovi_nonzero_positions"
+
+
+def tag_nonzero_positions(x: torch.Tensor, flat: torch.Tensor, columns: torch.Tensor) -> None:
+    """Record that ``x`` is non-zero exactly at ``flat`` (positions in ``x.reshape(-1)``).
+
+    Parameters
+    ----------
+    x
+        Dense, contiguous count tensor.
+    flat
+        int64 positions of the non-zero entries in the flattened tensor, ascending.
+    columns
+        int64 column (last-dimension) index of each of those entries.
+    """
+    setattr(x, _TAG, (x._version, tuple(x.shape), flat, columns))
+
+
+def tagged_nonzero_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(flat, columns)`` recorded by :func:`tag_nonzero_positions`, or ``None``.
+
+    ``None`` when ``x`` carries no tag, or when it was modified in place or reshaped in
+    place since it was tagged.
+    """
+    tag = getattr(x, _TAG, None)
+    if tag is None:
+        return None
+    version, shape, flat, columns = tag
+    if version != x._version or shape != tuple(x.shape) or not x.is_contiguous():
+        return None
+    return flat, columns
+
+
+def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
+    """A canonical CSR block (host memory) as a dense float32 CPU tensor, tagged.
+
+    The tensor carries the positions of the block's stored entries (see
+    :func:`tagged_nonzero_positions`); the block must not store explicit zeros.
+
+    Parameters
+    ----------
+    block
+        CSR matrix in canonical format (sorted column indices, no duplicates) without
+        stored zeros.
+
+    Returns
+    -------
+    torch.Tensor
+        ``block.toarray()`` as float32.
+
+    Examples
+    --------
+    >>> block = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], dtype=np.float32))
+    >>> x = dense_csr_rows(block)
+    >>> tagged_nonzero_positions(x)[0]
+    tensor([1, 3, 5])
+    """
+    n_rows, n_columns = block.shape
+    out = np.zeros((n_rows, n_columns), dtype=np.float32)
+    if block.dtype == np.float32:
+        block.toarray(out=out)
+    else:
+        out[...] = block.toarray()
+    x = torch.from_numpy(out)
+    columns = block.indices.astype(np.int64)
+    flat = np.repeat(np.arange(0, n_rows * n_columns, n_columns, dtype=np.int64),
+                     np.diff(block.indptr))
+    flat += columns
+    tag_nonzero_positions(x, torch.from_numpy(flat), torch.from_numpy(columns))
+    return x
