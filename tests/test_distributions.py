@@ -655,3 +655,18 @@ def test_count_tables_match_the_direct_terms(zero_inflated, monkeypatch):
     # The theta gradient (summed over cells) where float32 cancellation used to bite.
     np.testing.assert_allclose(tables32[2].double().numpy(), tables[2].numpy(),
                                rtol=2e-3, atol=1e-3 * float(tables[2].abs().max()))
+
+
+def test_non_integer_counts_do_not_use_the_count_tables():
+    # The tables hold integer counts only; a non-integer x (e.g. a continuous relaxation)
+    # must get lgamma(x + theta) exactly, not the table entry of its integer part.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.full((50, 20), 4.0, dtype=torch.float64), generator=gen)
+    x[::3] += 0.5
+    mu = torch.rand(50, 20, generator=gen, dtype=torch.float64) * 10 + 0.1
+    theta = torch.rand(20, generator=gen, dtype=torch.float64) * 8 + 0.5
+    assert _nb_log_density._uses_count_tables(_nb_log_density._ZeroTermPositions(x), theta)
+    ours = log_nb_positive(x, mu, theta)
+    direct = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+              + theta * torch.log(theta / (theta + mu)) + x * torch.log(mu / (theta + mu)))
+    torch.testing.assert_close(ours, direct, rtol=1e-9, atol=1e-9)

@@ -71,16 +71,23 @@ _FACTORIAL_TABLE_SIZE = 2**16
 _log_factorial_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _log_factorial(x: torch.Tensor) -> torch.Tensor:
+def _as_integer_counts(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as int64 when every entry is an integer (counts, as usual), else ``None``."""
+    as_index = x.long()
+    return as_index if torch.equal(as_index.to(x.dtype), x) else None
+
+
+def _log_factorial(x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """``lgamma(x + 1)``, from a table when every count is an integer below 65,536.
 
     A table lookup costs a fifth of ``lgamma`` on the CPU; other values (rare large
-    counts, or non-integer input) take ``lgamma``.
+    counts, or non-integer input) take ``lgamma``. ``counts`` is
+    ``_as_integer_counts(x)`` when the caller has it already.
     """
     if x.numel() == 0:
         return x.clone()
-    as_index = x.long()
-    if float(x.max()) >= _FACTORIAL_TABLE_SIZE or not torch.equal(as_index.to(x.dtype), x):
+    as_index = _as_integer_counts(x) if counts is None else counts
+    if as_index is None or float(x.max()) >= _FACTORIAL_TABLE_SIZE:
         return torch.lgamma(x + 1.0)
     key = (x.dtype, x.device)
     if key not in _log_factorial_tables:
@@ -172,7 +179,9 @@ def _uses_count_tables(positions: _ZeroTermPositions, theta: torch.Tensor) -> bo
 
 def _small_count_terms(
     x: torch.Tensor,
+    counts: torch.Tensor,
     mu: torch.Tensor,
+    log1p_ratio: torch.Tensor,
     columns: torch.Tensor,
     theta_per_gene: torch.Tensor,
     lgamma_theta: torch.Tensor,
@@ -181,6 +190,8 @@ def _small_count_terms(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """What :func:`_nonzero_terms_and_derivatives` returns, at gathered non-zero counts
     with one ``theta`` per gene, the lgamma/digamma differences read from per-gene tables.
+    ``counts`` is ``x`` as int64 (integer counts only) and ``log1p_ratio`` is
+    ``log1p(mu / theta)`` at the same entries.
 
     With ``R(k) = lgamma(theta + k) - lgamma(theta) - k log(theta)`` and ``D(k)`` its
     derivative in ``theta`` (:func:`_rising_factorial_tables`)::
@@ -195,12 +206,12 @@ def _small_count_terms(
     size = _TABLE_COUNTS
     theta_per_gene = theta_per_gene.reshape(-1)
     rising, d_rising = _rising_factorial_tables(theta_per_gene, size)
-    index = columns * size + x.clamp(max=size - 1).long()
+    index = columns * size + counts.clamp(max=size - 1)
     theta = theta_per_gene.index_select(0, columns)
     possible = mu > 0
     x_log_mu = torch.where(possible, x * mu.clamp(min=torch.finfo(mu.dtype).tiny).log(), -torch.inf)
-    value = rising.view(-1).index_select(0, index).sub_(_log_factorial(x)).add_(x_log_mu)
-    value.sub_(x * torch.log1p(mu / theta))
+    value = rising.view(-1).index_select(0, index).sub_(_log_factorial(x, counts))
+    value.add_(x_log_mu).sub_(x * log1p_ratio)
     d_mu = d_theta = None
     if with_grads:
         theta_mu = theta + mu
@@ -346,12 +357,15 @@ def _log_prob_and_derivatives(
     # cost more than the gathers, even at 50% non-zero (measured).
     positions = _ZeroTermPositions(x, known_nonzero)
     at = positions.at
-    if _uses_count_tables(positions, theta):
+    x_at = at(x)
+    counts = _as_integer_counts(x_at) if _uses_count_tables(positions, theta) else None
+    if counts is not None:
         extra, extra_d_mu, extra_d_theta = _small_count_terms(
-            at(x), at(mu), positions.columns, theta, lgamma_theta, digamma_theta, with_grads)
+            x_at, counts, at(mu), at(log1p_ratio), positions.columns, theta, lgamma_theta,
+            digamma_theta, with_grads)
     else:
         extra, extra_d_mu, extra_d_theta = _nonzero_terms_and_derivatives(
-            at(x), at(mu), at(theta), at(lgamma_theta),
+            x_at, at(mu), at(theta), at(lgamma_theta),
             None if digamma_theta is None else at(digamma_theta), with_grads,
             dense=positions.dense,
         )
