@@ -10,6 +10,8 @@ moved), so a stale tag cannot be used.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -17,23 +19,32 @@ import torch
 _TAG = "_pyrovi_nonzero_positions"
 
 
-def tag_nonzero_positions(x: torch.Tensor, flat: torch.Tensor, columns: torch.Tensor) -> None:
-    """Record that ``x`` is non-zero exactly at ``flat`` (positions in ``x.reshape(-1)``).
+class NonzeroPositions(NamedTuple):
+    """The non-zero entries of a dense count tensor."""
+
+    #: int64 positions in the flattened tensor, ascending.
+    flat: torch.Tensor
+    #: int64 column (last-dimension) index of each.
+    columns: torch.Tensor
+    #: Their values, in the tensor's dtype.
+    values: torch.Tensor
+
+
+def tag_nonzero_positions(x: torch.Tensor, positions: NonzeroPositions) -> None:
+    """Record that ``x`` is non-zero exactly at ``positions``.
 
     Parameters
     ----------
     x
         Dense, contiguous count tensor.
-    flat
-        int64 positions of the non-zero entries in the flattened tensor, ascending.
-    columns
-        int64 column (last-dimension) index of each of those entries.
+    positions
+        Its non-zero entries: flat positions (ascending), columns and values.
     """
-    setattr(x, _TAG, (x._version, tuple(x.shape), flat, columns))
+    setattr(x, _TAG, (x._version, tuple(x.shape), positions))
 
 
-def tagged_nonzero_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(flat, columns)`` recorded by :func:`tag_nonzero_positions`, or ``None``.
+def tagged_nonzero_positions(x: torch.Tensor) -> NonzeroPositions | None:
+    """The :class:`NonzeroPositions` recorded by :func:`tag_nonzero_positions`, or ``None``.
 
     ``None`` when ``x`` carries no tag, or when it was modified in place or reshaped in
     place since it was tagged.
@@ -41,10 +52,10 @@ def tagged_nonzero_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     tag = getattr(x, _TAG, None)
     if tag is None:
         return None
-    version, shape, flat, columns = tag
+    version, shape, positions = tag
     if version != x._version or shape != tuple(x.shape) or not x.is_contiguous():
         return None
-    return flat, columns
+    return positions
 
 
 def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
@@ -68,7 +79,7 @@ def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
     --------
     >>> block = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], dtype=np.float32))
     >>> x = dense_csr_rows(block)
-    >>> tagged_nonzero_positions(x)[0]
+    >>> tagged_nonzero_positions(x).flat
     tensor([1, 3, 5])
     """
     n_rows, n_columns = block.shape
@@ -82,5 +93,7 @@ def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
     flat = np.repeat(np.arange(0, n_rows * n_columns, n_columns, dtype=np.int64),
                      np.diff(block.indptr))
     flat += columns
-    tag_nonzero_positions(x, torch.from_numpy(flat), torch.from_numpy(columns))
+    values = torch.from_numpy(np.asarray(block.data, dtype=np.float32))
+    tag_nonzero_positions(x, NonzeroPositions(torch.from_numpy(flat), torch.from_numpy(columns),
+                                              values))
     return x

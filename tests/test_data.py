@@ -209,10 +209,11 @@ def test_cpu_gather_records_nonzero_positions_and_matches_the_device_path():
     x = matrix.gather(index)
     np.testing.assert_array_equal(x.numpy(), X[index.numpy()].toarray())
     assert torch.equal(x, matrix._gather_on_device(index))
-    flat, columns = tagged_nonzero_positions(x)
+    recorded = tagged_nonzero_positions(x)
     expected = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
-    assert torch.equal(flat, expected)
-    assert torch.equal(columns, expected % x.shape[1])
+    assert torch.equal(recorded.flat, expected)
+    assert torch.equal(recorded.columns, expected % x.shape[1])
+    assert torch.equal(recorded.values, x.reshape(-1)[expected])
     x[0, 0] = 7.0  # modified in place: the record no longer describes it
     assert tagged_nonzero_positions(x) is None
 

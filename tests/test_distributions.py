@@ -11,7 +11,11 @@ import scipy.sparse as sp
 import torch
 from scipy import special, stats
 
-from pyrovi._nonzero_positions import dense_csr_rows, tagged_nonzero_positions
+from pyrovi._nonzero_positions import (
+    NonzeroPositions,
+    dense_csr_rows,
+    tagged_nonzero_positions,
+)
 from pyrovi.distributions import (
     NegativeBinomial,
     Poisson,
@@ -36,7 +40,7 @@ def evaluation_path(request, monkeypatch):
     if request.param == "known":
         def recorded(x):
             flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
-            return flat, flat % x.shape[-1]
+            return NonzeroPositions(flat, flat % x.shape[-1], x.reshape(-1)[flat])
 
         monkeypatch.setattr(_nb_log_density, "tagged_nonzero_positions", recorded)
     return request.param
