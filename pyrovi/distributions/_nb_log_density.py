@@ -10,9 +10,13 @@ multiplication per parameter.
 
 Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``;
 the terms that vanish at ``x = 0`` (lgamma, digamma) are evaluated on the CPU only at the
-non-zero counts, gathered by index, and on accelerators at every entry (no index search,
-so the host never waits for the device), with Stirling's series where ``theta`` is large.
-Functions of ``theta`` alone are computed once per gene. Derivatives (with
+non-zero counts, gathered by index (at positions the loader recorded when the minibatch
+came from sparse rows, :mod:`pyrovi._nonzero_positions`), and on accelerators at every
+entry (no index search, so the host never waits for the device), with Stirling's series
+where ``theta`` is large. Functions of ``theta`` alone are computed once per gene; on the
+CPU, integer counts below ``_TABLE_COUNTS`` (most of them in single-cell data) read their
+lgamma and digamma differences from per-gene tables summed in float64, so that lgamma and
+digamma run only at the few larger counts. Derivatives (with
 ``r = mu / theta``)::
 
     d log p0 / d mu    = -1 / (1 + r)
