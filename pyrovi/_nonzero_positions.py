@@ -61,14 +61,14 @@ def tagged_nonzero_positions(x: torch.Tensor) -> NonzeroPositions | None:
 def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
     """A canonical CSR block (host memory) as a dense float32 CPU tensor, tagged.
 
-    The tensor carries the positions of the block's stored entries (see
-    :func:`tagged_nonzero_positions`); the block must not store explicit zeros.
+    The tensor carries the positions of the block's non-zero entries (see
+    :func:`tagged_nonzero_positions`).
 
     Parameters
     ----------
     block
-        CSR matrix in canonical format (sorted column indices, no duplicates) without
-        stored zeros.
+        CSR matrix in canonical format (sorted column indices, no duplicates). Stored
+        zeros, if any, are removed from it in place.
 
     Returns
     -------
@@ -82,6 +82,8 @@ def dense_csr_rows(block: sp.csr_matrix) -> torch.Tensor:
     >>> tagged_nonzero_positions(x).flat
     tensor([1, 3, 5])
     """
+    if not block.data.all():  # stored zeros are not non-zero positions
+        block.eliminate_zeros()
     n_rows, n_columns = block.shape
     out = np.zeros((n_rows, n_columns), dtype=np.float32)
     if block.dtype == np.float32:

@@ -62,7 +62,6 @@ def dense_rows(block, device: torch.device) -> torch.Tensor:
     block = sp.csr_matrix(block)
     block.sum_duplicates()  # non-canonical CSR on disk: entries of one position add up
     if device.type == "cpu":
-        block.eliminate_zeros()
         return dense_csr_rows(block)
     rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
     out = torch.zeros(block.shape, dtype=torch.float32, device=device)

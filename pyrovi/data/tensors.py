@@ -83,10 +83,6 @@ class CountMatrix:
                      csr.indptr.astype(index_dtype, copy=False)),
                     shape=self.shape, copy=False,
                 )
-                # In chunks: a comparison of all values at once would briefly take a byte
-                # per stored value (300 MB for 1M cells x 2,000 genes).
-                self._stores_zeros = any(bool((chunk == 0).any())
-                                         for chunk in torch.split(self.data, 1 << 24))
         else:
             self.is_sparse = False
             self.dense = torch.as_tensor(np.asarray(matrix, dtype=np.float32), device=self.device)
@@ -119,10 +115,7 @@ class CountMatrix:
 
     def _gather_on_host(self, index: torch.Tensor) -> torch.Tensor:
         """CPU: scipy's row gather, densified with its non-zero positions recorded."""
-        block = self._host_csr[index.numpy()]
-        if self._stores_zeros:
-            block.eliminate_zeros()
-        return dense_csr_rows(block)
+        return dense_csr_rows(self._host_csr[index.numpy()])
 
     def _gather_on_device(self, index: torch.Tensor) -> torch.Tensor:
         """Any device: index arithmetic on the CSR arrays, one scatter into zeros."""

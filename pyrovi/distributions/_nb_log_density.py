@@ -81,16 +81,15 @@ def _as_integer_counts(x: torch.Tensor) -> torch.Tensor | None:
     return as_index if torch.equal(as_index.to(x.dtype), x) else None
 
 
-def _log_factorial(x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+def _log_factorial(x: torch.Tensor) -> torch.Tensor:
     """``lgamma(x + 1)``, from a table when every count is an integer below 65,536.
 
     A table lookup costs a fifth of ``lgamma`` on the CPU; other values (rare large
-    counts, or non-integer input) take ``lgamma``. ``counts`` is
-    ``_as_integer_counts(x)`` when the caller has it already.
+    counts, or non-integer input) take ``lgamma``.
     """
     if x.numel() == 0:
         return x.clone()
-    as_index = _as_integer_counts(x) if counts is None else counts
+    as_index = _as_integer_counts(x)
     if as_index is None or float(x.max()) >= _FACTORIAL_TABLE_SIZE:
         return torch.lgamma(x + 1.0)
     key = (x.dtype, x.device)
