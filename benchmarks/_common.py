@@ -59,20 +59,35 @@ def write_section(path: Path, text: str, section: str) -> None:
 def alternate_runs(name: str, runs: int, trainers: dict) -> tuple[dict, dict]:
     """Run each library's trainer ``runs`` times, alternating which goes first.
 
-    ``trainers`` maps a label to ``fn(seed) -> (seconds per epoch, held-out ELBO)``.
-    Returns the raw results and the ratio summary of :func:`summarise`.
+    ``trainers`` maps a label to ``fn(seed, epochs=None) -> (seconds per epoch, held-out
+    ELBO)`` (a picklable ``functools.partial`` of a module-level function). Every run is a
+    fresh process, spawned with this process's torch thread count, that first trains the
+    same library for one epoch (imports, first-call set-up and allocator warm-up are then
+    not timed) and then the timed run: neither library inherits the other's imports,
+    caches, garbage or allocator settings. Returns the raw results and the ratio summary
+    of :func:`summarise`.
     """
     import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     results = {label: [] for label in trainers}
     order = list(trainers.items())
+    context = multiprocessing.get_context("spawn")
     for r in range(runs):
         for label, fn in order if r % 2 == 0 else order[::-1]:
-            per_epoch, elbo = fn(r)
+            with ProcessPoolExecutor(1, mp_context=context, initializer=configure,
+                                     initargs=(torch.get_num_threads(),)) as worker:
+                per_epoch, elbo = worker.submit(_warm_up_then_time, fn, r).result()
             results[label].append((per_epoch, float(elbo)))
             logging.info("%s %s run %d: %.3f s/epoch, held-out ELBO %.2f",
                          name, label, r, per_epoch, elbo)
     return results, summarise(results)
+
+
+def _warm_up_then_time(fn, seed: int):
+    fn(seed, epochs=1)
+    return fn(seed)
 
 
 def summarise(results: dict) -> dict:

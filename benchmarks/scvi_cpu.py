@@ -2,11 +2,12 @@
 
 Both libraries train the same architecture (1 hidden layer of 128, 10 latent dimensions,
 ZINB, gene dispersion, observed library size, batch norm, dropout 0.1) with the same batch
-size, epochs, KL warm-up and train/validation split, one after the other in this process,
-alternating which goes first. Validation runs every epoch in both (scvi-tools does not by
-default; pyrovi records it in the history). Reported: wall time of ``train()`` divided by
-the number of epochs (median of ``--runs``), and the held-out ELBO per cell from each
-library's own ``get_elbo(indices=validation)``.
+size, epochs, KL warm-up and train/validation split, alternating which goes first; every
+run is a fresh process (after a one-epoch warm-up there), so that neither library inherits
+the other's imports, caches or allocator state. Validation runs every epoch in both
+(scvi-tools does not by default; pyrovi records it in the history). Reported: wall time
+of ``train()`` divided by the number of epochs (median of ``--runs``), and the held-out
+ELBO per cell from each library's own ``get_elbo(indices=validation)``.
 
 Run (needs the ``bench`` extra: ``pip install -e ".[bench]"``)::
 
@@ -35,7 +36,7 @@ DATASETS = {
 SECTION = "## scVI on CPU: pyrovi vs scvi-tools"
 
 
-def train_scvi_tools(adata, batch_key, epochs, split, seed, device="cpu"):
+def train_scvi_tools(adata, batch_key, seed, *, epochs, split, device="cpu"):
     import scvi
 
     scvi.settings.seed = seed
@@ -54,7 +55,7 @@ def train_scvi_tools(adata, batch_key, epochs, split, seed, device="cpu"):
     return seconds / epochs, model.get_elbo(indices=split[1])
 
 
-def train_pyrovi(adata, batch_key, epochs, split, seed, device="cpu"):
+def train_pyrovi(adata, batch_key, seed, *, epochs, split, device="cpu"):
     import pyrovi
 
     adata = adata.copy()
@@ -79,9 +80,10 @@ def run(datasets, runs, epochs_override, device="cpu"):
         adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
         split = train_validation_split(adata.n_obs)
         results, summary = alternate_runs(name, runs, {
-            "scvi-tools": partial(train_scvi_tools, adata, batch_key, epochs, split,
-                                  device=device),
-            "pyrovi": partial(train_pyrovi, adata, batch_key, epochs, split, device=device),
+            "scvi-tools": partial(train_scvi_tools, adata, batch_key, epochs=epochs,
+                                  split=split, device=device),
+            "pyrovi": partial(train_pyrovi, adata, batch_key, epochs=epochs, split=split,
+                              device=device),
         })
         rows.append({
             "dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from pyrovi.data.tensors import CellData, as_cell_data
 from pyrovi.infer.devices import resolve_device
 from pyrovi.infer.distributed import DataParallel
+from pyrovi.infer.heap import retained_heap
 from pyrovi.infer.objective import (
     CellTerms,
     evaluate_terms,
@@ -346,7 +347,8 @@ def train_svi(
         disable=not plan.progress_bar or (parallel is not None and not parallel.is_main),
     )
     module.train()
-    with pyro.validation_enabled(False):
+    # retained_heap: the step's large temporaries reuse the previous step's pages.
+    with pyro.validation_enabled(False), retained_heap():
         for epoch in epochs:
             loss_sum = torch.zeros((), device=device)
             reconstruction_sum = torch.zeros((), device=device)
