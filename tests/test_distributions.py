@@ -326,9 +326,14 @@ def reference_zinb(x, mu, theta, zi_logits):
 @pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("density", [0.1, 0.6])  # both evaluation paths (sparse / dense)
 @pytest.mark.parametrize("zero_inflated", [False, True])
-def test_hand_written_gradients_match_autograd_of_the_direct_formula(density, zero_inflated):
+@pytest.mark.parametrize("upstream", ["per_entry", "per_cell"])
+def test_hand_written_gradients_match_autograd_of_the_direct_formula(
+    density, zero_inflated, upstream
+):
     # Cells x genes with a per-gene theta (broadcast, as in scVI), theta below the
-    # Stirling switch so that the direct formula is accurate in float64.
+    # Stirling switch so that the direct formula is accurate in float64. The upstream
+    # gradient is generic (per entry) or one value per cell broadcast over the genes (a
+    # per-cell sum, as in every model: theta's gradient is then a matrix-vector product).
     gen = torch.Generator().manual_seed(0)
     n, g = 40, 30
     x = torch.poisson(torch.rand(n, g, generator=gen, dtype=torch.float64) * 20)
@@ -336,12 +341,18 @@ def test_hand_written_gradients_match_autograd_of_the_direct_formula(density, ze
     mu = torch.rand(n, g, generator=gen, dtype=torch.float64) * 15 + 1e-3
     theta = torch.exp(torch.randn(g, generator=gen, dtype=torch.float64)).clamp(max=9.0)
     logits = torch.randn(n, g, generator=gen, dtype=torch.float64)
-    weights = torch.randn(n, g, generator=gen, dtype=torch.float64)  # a generic upstream grad
+    weights = torch.randn(n, g, generator=gen, dtype=torch.float64)
+    cell_weights = torch.randn(n, generator=gen, dtype=torch.float64)
     params = [mu, theta] + ([logits] if zero_inflated else [])
 
     def grads(fn):
         leaves = [p.clone().requires_grad_() for p in params]
-        return torch.autograd.grad((fn(x, *leaves) * weights).sum(), leaves)
+        value = fn(x, *leaves)
+        if upstream == "per_entry":
+            objective = (value * weights).sum()
+        else:
+            objective = (value.sum(-1) * cell_weights).sum()
+        return torch.autograd.grad(objective, leaves)
 
     if zero_inflated:
         fused = grads(lambda *a: ZeroInflatedNegativeBinomial(*a[1:]).log_prob(a[0]))

@@ -162,13 +162,27 @@ def _rising_factorial_tables(theta: torch.Tensor, size: int) -> tuple[torch.Tens
     ``-k**2 / (2 theta**2)``).
     """
     t = theta.reshape(-1, 1).double()
-    j = torch.arange(size - 1, dtype=torch.float64, device=theta.device)
-    zero = torch.zeros(t.shape[0], 1, dtype=torch.float64, device=theta.device)
-    log_factorial = torch.lgamma(torch.arange(1.0, size + 1.0, dtype=torch.float64,
-                                              device=theta.device))
-    rising = torch.cat([zero, torch.log1p(j / t).cumsum(1)], 1).sub_(log_factorial)
-    d_rising = torch.cat([zero, (j / (t * (t + j))).neg_().cumsum(1)], 1)
-    return rising.to(theta.dtype), d_rising.to(theta.dtype)
+    j, log_factorial = _count_table_constants(size, theta.device)
+    rising = torch.empty(t.shape[0], size, dtype=torch.float64, device=theta.device)
+    d_rising = torch.empty_like(rising)
+    rising[:, 0] = 0.0
+    d_rising[:, 0] = 0.0
+    torch.cumsum(torch.log1p(j / t), 1, out=rising[:, 1:])
+    torch.cumsum((j / (t * (t + j))).neg_(), 1, out=d_rising[:, 1:])
+    return rising.sub_(log_factorial).to(theta.dtype), d_rising.to(theta.dtype)
+
+
+_count_table_constant_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _count_table_constants(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``j = 0 .. size - 2`` and ``lgamma(k + 1)`` for ``k < size`` (float64), cached."""
+    key = (size, device)
+    if key not in _count_table_constant_cache:
+        j = torch.arange(size - 1, dtype=torch.float64, device=device)
+        k = torch.arange(size, dtype=torch.float64, device=device)
+        _count_table_constant_cache[key] = (j, torch.lgamma(k + 1.0))
+    return _count_table_constant_cache[key]
 
 
 def _uses_count_tables(positions: _ZeroTermPositions, theta: torch.Tensor) -> bool:
@@ -269,17 +283,19 @@ def gathers_nonzero(x: torch.Tensor) -> bool:
 
 
 def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_logits):
-    """``d log p0 / d mu`` and ``d log p0 / d theta`` (weighted), and ``d / d zi_logits``."""
-    inverse = ratio.add(1.0).reciprocal_()
+    """``d log p0 / d mu`` and ``d log p0 / d theta`` (weighted), and ``d / d zi_logits``.
+
+    ``ratio`` is overwritten.
+    """
+    one_plus_ratio = ratio.add(1.0)
     # r / (1 + r) rather than 1 - 1 / (1 + r), which cancels when mu << theta.
-    d_theta = ratio.mul_(inverse).sub_(log1p_ratio).contiguous()
-    d_mu = inverse.neg_().contiguous()
-    d_logits = None
-    if zi_logits is not None:
-        d_mu.mul_(weight)
-        d_theta.mul_(weight)
-        # sigmoid(l) = exp(l - softplus(l)): one exp instead of a (slower) sigmoid.
-        d_logits = torch.sub(zi_logits, softplus_logits).exp_().add_(weight).neg_().add_(1.0)
+    d_theta = ratio.div_(one_plus_ratio).sub_(log1p_ratio).contiguous()
+    if zi_logits is None:
+        return one_plus_ratio.reciprocal_().neg_().contiguous(), d_theta, None
+    d_theta.mul_(weight)
+    d_mu = torch.div(weight, one_plus_ratio).neg_().contiguous()
+    # d / d l = 1 - sigmoid(l) - w, and 1 - sigmoid(l) = exp(-softplus(l)) for any l.
+    d_logits = softplus_logits.neg().exp_().sub_(weight)
     return d_mu, d_theta, d_logits
 
 
@@ -431,8 +447,21 @@ class _CountLogProb(torch.autograd.Function):
                 grads.append(None)
                 continue
             derivative = next(saved)
-            grads.append((grad * derivative).sum_to_size(shape) if needed else None)
+            grads.append(_chain(grad, derivative, shape) if needed else None)
         return (*grads, None)  # nothing for known_nonzero
+
+
+def _chain(grad: torch.Tensor, derivative: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(grad * derivative)`` summed to a parameter's ``shape``.
+
+    The gradient of a per-cell sum over genes (every ``to_event(1)`` log-density) is one
+    value per cell broadcast over the genes; then a per-gene parameter's gradient is a
+    matrix-vector product, without the ``(cells, genes)`` product in between.
+    """
+    per_gene = len(shape) == 2 and shape[0] == 1 and shape[1] == derivative.shape[-1]
+    if per_gene and grad.dim() == 2 and grad.stride(1) == 0 and derivative.dim() == 2:
+        return torch.mv(derivative.t(), grad[:, 0]).view(shape)
+    return (grad * derivative).sum_to_size(shape)
 
 
 def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
