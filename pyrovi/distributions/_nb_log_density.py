@@ -6,7 +6,8 @@ each allocating its own result; on CPU that was half of a training step (see
 ``benchmarks/RESULTS.md``). Here the forward pass computes the value together with the
 elementwise derivatives ``d log p / d mu``, ``d log p / d theta`` and
 ``d log p / d zi_logits`` from shared intermediates, and the backward pass is one
-multiplication per parameter.
+multiplication per parameter (for a per-gene parameter under the per-cell gradient of a
+sum over genes, a matrix-vector product).
 
 Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``;
 the terms that vanish at ``x = 0`` (lgamma, digamma) are evaluated on the CPU only at the
