@@ -5,10 +5,10 @@ Every CPU training step allocates and frees the same large temporaries: a dozen 
 CellBench cells × 11,533 genes. With glibc's default thresholds the memory freed at the
 end of a step is handed back to the kernel (the top of the heap is trimmed once it
 exceeds twice the largest block freed so far) and the next step faults every page in
-again: about 250,000 minor page faults and a tenth of the wall time of a CellBench
-epoch were spent in the kernel (``benchmarks/RESULTS.md``). Inside :func:`retained_heap`
-blocks of up to 32 MiB come from the heap and the heap is not trimmed, so every step
-reuses the pages of the previous one.
+again: 100,000 to 250,000 minor page faults per CellBench epoch, which took 18% longer
+than with the heap retained (``benchmarks/heap_ab.py``, ``benchmarks/RESULTS.md``).
+Inside :func:`retained_heap` blocks of up to 32 MiB come from the heap and the heap is
+not trimmed, so every step reuses the pages of the previous one.
 
 On exit the memory is released (``malloc_trim``) and glibc is left with the thresholds
 its own dynamic adjustment reaches after freeing a 32 MiB block: blocks over 32 MiB are
