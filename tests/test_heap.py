@@ -22,7 +22,7 @@ def _faults_per_block(rounds: int = 6) -> float:
     """Minor page faults per 8 MiB block of rounds that allocate, touch and free 16 such
     blocks, after a first round (which has to fault its pages in whatever the allocator
     does). A block whose pages went back to the kernel faults 2,048 times (4 KiB pages;
-    4 times with transparent huge pages), a reused one not at all."""
+    4 times with transparent huge pages), a reused one (nearly) not at all."""
 
     def one_round():
         blocks = [torch.ones(BLOCK_MB * 2**18) for _ in range(N_BLOCKS)]  # 8 MiB float32
@@ -58,7 +58,9 @@ def test_freed_blocks_are_reused_inside(cold_glibc):
     with heap.retained_heap():
         inside = _faults_per_block()
     assert outside >= 1  # every block is faulted in again by every round
-    assert inside < 0.5  # the rounds after the first reuse the same pages
+    # The rounds after the first reuse the same pages: 0-2% of them faulted in again in
+    # a fresh process and after the whole test suite (a fragmented heap).
+    assert inside < 0.1 * outside
 
 
 @glibc_only
@@ -73,11 +75,12 @@ def test_retained_memory_is_released_on_exit():
 
 @glibc_only
 def test_nested_blocks_keep_the_heap_until_the_outermost_ends(cold_glibc):
+    outside = _faults_per_block()
     with heap.retained_heap():
         with heap.retained_heap():
             pass
         inside_after_inner = _faults_per_block()
-    assert inside_after_inner < 0.5
+    assert inside_after_inner < 0.1 * outside
     assert heap._depth == 0
 
 
