@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import resource
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,82 +16,76 @@ from pyrovi.infer import fit
 
 glibc_only = pytest.mark.skipif(not heap.glibc_available(), reason="tunes glibc's allocator")
 
-BLOCK_MB = 8
-N_BLOCKS = 16  # 128 MiB freed at once: more than the 64 MiB glibc keeps after the block
+# The allocator's state after hundreds of tests (a fragmented heap, earlier thresholds) is
+# not known, so the page faults are measured in a fresh interpreter, from glibc's initial
+# thresholds (128 KiB: each 8 MiB block gets its own mapping, given back when freed).
+_MEASURE = """
+import json, resource, torch
+import pyrovi.infer.heap as heap
 
-
-def _faults_per_block(rounds: int = 6) -> float:
-    """Minor page faults per 8 MiB block of rounds that allocate, touch and free 16 such
-    blocks, after a first round (which has to fault its pages in whatever the allocator
-    does). A block whose pages went back to the kernel faults 2,048 times (4 KiB pages;
-    4 times with transparent huge pages), a reused one (nearly) not at all."""
-
+def faults_per_block(rounds=6, blocks=16):
+    # Allocate, touch and free 16 blocks of 8 MiB per round, after a first round that has
+    # to fault its pages in whatever the allocator does: a block whose pages went back to
+    # the kernel faults 2,048 times (4 KiB pages), a reused one not at all.
     def one_round():
-        blocks = [torch.ones(BLOCK_MB * 2**18) for _ in range(N_BLOCKS)]  # 8 MiB float32
-        del blocks
-
+        kept = [torch.ones(2 * 2**20) for _ in range(blocks)]
+        del kept
     one_round()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
         one_round()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * N_BLOCKS)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * blocks)
 
-
-@pytest.fixture
-def cold_glibc():
-    """glibc's initial thresholds (128 KiB: each 8 MiB block gets its own mapping, given
-    back when freed), so that a test starts from a known allocator state; afterwards the
-    values retained_heap leaves behind."""
-    libc = heap._glibc()
-    libc.mallopt(heap._M_MMAP_THRESHOLD, 128 * 1024)
-    libc.mallopt(heap._M_TRIM_THRESHOLD, 128 * 1024)
-    yield
-    heap._set_thresholds(heap._TRIM_THRESHOLD_AFTER)
-
-
-def _resident_bytes() -> int:
+def resident():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
-
-@glibc_only
-def test_freed_blocks_are_reused_inside(cold_glibc):
-    outside = _faults_per_block()
+out = {"outside": faults_per_block()}
+with heap.retained_heap():
+    out["inside"] = faults_per_block()
+    out["retained"] = resident()
+out["released"] = out.pop("retained") - resident()
+with heap.retained_heap():
     with heap.retained_heap():
-        inside = _faults_per_block()
-    assert outside >= 1  # every block is faulted in again by every round
-    # The rounds after the first reuse the same pages: 0-2% of them faulted in again in
-    # a fresh process and after the whole test suite (a fragmented heap).
-    assert inside < 0.1 * outside
+        pass
+    out["inside_after_inner"] = faults_per_block()
+heap.enabled = False
+with heap.retained_heap():
+    out["disabled"] = faults_per_block()
+print(json.dumps(out))
+"""
 
 
-@glibc_only
-def test_retained_memory_is_released_on_exit():
-    with heap.retained_heap():
-        blocks = [torch.ones(BLOCK_MB * 2**18) for _ in range(N_BLOCKS)]
-        del blocks
-        retained = _resident_bytes()
-    released = retained - _resident_bytes()
-    assert released > 0.75 * N_BLOCKS * BLOCK_MB * 2**20
-
-
-@glibc_only
-def test_nested_blocks_keep_the_heap_until_the_outermost_ends(cold_glibc):
-    outside = _faults_per_block()
-    with heap.retained_heap():
-        with heap.retained_heap():
-            pass
-        inside_after_inner = _faults_per_block()
-    assert inside_after_inner < 0.1 * outside
-    assert heap._depth == 0
+@pytest.fixture(scope="module")
+def faults():
+    """Page faults per 8 MiB block in the situations of the tests below (fresh process)."""
+    code = ("import pyrovi.infer.heap as heap\n"
+            "heap._glibc().mallopt(heap._M_MMAP_THRESHOLD, 128 * 1024)\n"
+            "heap._glibc().mallopt(heap._M_TRIM_THRESHOLD, 128 * 1024)\n" + _MEASURE)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @glibc_only
-def test_disabled_leaves_the_allocator_alone(cold_glibc, monkeypatch):
-    monkeypatch.setattr(heap, "enabled", False)
-    with heap.retained_heap():
-        faults = _faults_per_block()
-    assert faults >= 1
+def test_freed_blocks_are_reused_inside(faults):
+    assert faults["outside"] >= 1  # every block is faulted in again by every round
+    assert faults["inside"] < 0.1 * faults["outside"]  # the same pages are reused
+
+
+@glibc_only
+def test_retained_memory_is_released_on_exit(faults):
+    assert faults["released"] > 0.75 * 16 * 8 * 2**20
+
+
+@glibc_only
+def test_nested_blocks_keep_the_heap_until_the_outermost_ends(faults):
+    assert faults["inside_after_inner"] < 0.1 * faults["outside"]
+
+
+@glibc_only
+def test_disabled_leaves_the_allocator_alone(faults):
+    assert faults["disabled"] >= 1
 
 
 def test_settings_are_restored_when_training_fails():
