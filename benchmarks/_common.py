@@ -68,21 +68,28 @@ def alternate_runs(name: str, runs: int, trainers: dict) -> tuple[dict, dict]:
     of :func:`summarise`.
     """
     import logging
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     results = {label: [] for label in trainers}
     order = list(trainers.items())
-    context = multiprocessing.get_context("spawn")
     for r in range(runs):
         for label, fn in order if r % 2 == 0 else order[::-1]:
-            with ProcessPoolExecutor(1, mp_context=context, initializer=configure,
-                                     initargs=(torch.get_num_threads(),)) as worker:
-                per_epoch, elbo = worker.submit(_warm_up_then_time, fn, r).result()
+            per_epoch, elbo = in_fresh_process(_warm_up_then_time, fn, r)
             results[label].append((per_epoch, float(elbo)))
             logging.info("%s %s run %d: %.3f s/epoch, held-out ELBO %.2f",
                          name, label, r, per_epoch, elbo)
     return results, summarise(results)
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a newly spawned process with this process's torch thread count
+    (``fn`` must be picklable: a module-level function or a partial of one)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=configure,
+                             initargs=(torch.get_num_threads(),)) as worker:
+        return worker.submit(fn, *args).result()
 
 
 def _warm_up_then_time(fn, seed: int):

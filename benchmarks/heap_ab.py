@@ -16,17 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import resource
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import anndata
 import numpy as np
 import torch
-from _common import SHARED, configure, machine_line, train_validation_split, write_section
+from _common import (
+    SHARED,
+    configure,
+    in_fresh_process,
+    machine_line,
+    train_validation_split,
+    write_section,
+)
 from scvi_cpu import DATASETS
 
 SECTION = "## Heap retention during CPU training: on vs off"
@@ -64,15 +69,12 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     configure(args.threads)
-    context = multiprocessing.get_context("spawn")
     rows = []
     for name in args.datasets:
         raw = {True: [], False: []}
         for r in range(args.runs):
             for retain in (True, False) if r % 2 == 0 else (False, True):
-                with ProcessPoolExecutor(1, mp_context=context, initializer=configure,
-                                         initargs=(args.threads,)) as worker:
-                    result = worker.submit(train, name, args.epochs, retain).result()
+                result = in_fresh_process(train, name, args.epochs, retain)
                 raw[retain].append(result)
                 logging.info("%s heap retained=%s run %d: %.3f s/epoch, %.0f faults/epoch",
                              name, retain, r, *result)
