@@ -32,7 +32,7 @@ def split_counts(seed: int = 1):
     adata = simulate_counts(n_cells=450, n_genes=40, n_clusters=3, n_batches=3, seed=seed)
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     rng = np.random.default_rng(seed)
-    in_reference = adata.obs["batch"].isin(REFERENCE_BATCHES).to_numpy()
+    in_reference = adata.obs["batch"].isin(REFERENCE_BATCHES).to_numpy(copy=True)
     shared = np.flatnonzero(adata.obs["batch"].to_numpy() == "b1")[:40]
     in_reference[shared] = False
     adata.obs["site"] = np.where(in_reference, rng.choice(["x", "y"], adata.n_obs),

@@ -475,8 +475,6 @@ def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
         known = None
     zi_logits = rest[0] if rest else None
     x = x.to(mu.dtype)
-    if x.device.type == "meta":  # shape-only evaluation
-        return torch.empty(x.shape, dtype=mu.dtype, device="meta")
     if x.dim() == 0:  # the index arithmetic below wants at least one dimension
         one = _log_count(x.reshape(1), mu.reshape(1), theta.reshape(1),
                          None if zi_logits is None else zi_logits.reshape(1))

@@ -243,7 +243,9 @@ def prepare_query_anndata(
         logger.info("Dropped %d query genes that the reference does not have.", n_extra)
 
     X = None if query_adata.X is None else _pad_columns(query_adata.X, positions)
-    layers = {k: _pad_columns(v, positions) for k, v in query_adata.layers.items()}
+    # anndata >= 0.13 also lists X under the key None.
+    layers = {k: _pad_columns(v, positions) for k, v in query_adata.layers.items()
+              if k is not None}
     var = query_adata.var.reindex(reference_genes)
     if len(query_adata.varm) or len(query_adata.varp):
         logger.info("varm and varp of the query are dropped (they cannot be padded).")
@@ -253,11 +255,14 @@ def prepare_query_anndata(
             obsm={k: v.copy() for k, v in query_adata.obsm.items()},
             obsp={k: v.copy() for k, v in query_adata.obsp.items()}, layers=layers,
         )
-    # AnnData has no public way to change its variables in place; scvi-tools does the same.
-    query_adata._init_as_actual(
-        X=X, obs=query_adata.obs, var=var, uns=query_adata.uns, obsm=query_adata.obsm,
-        obsp=query_adata.obsp, layers=layers, raw=query_adata.raw,
+    prepared = anndata.AnnData(
+        X=X, obs=query_adata.obs, var=var, uns=query_adata.uns, obsm=dict(query_adata.obsm),
+        obsp=dict(query_adata.obsp), layers=layers, raw=query_adata.raw,
     )
+    # An AnnData cannot change its number of variables through its attributes; running its
+    # public constructor again on the same object is the one public way to do it in place
+    # (the private re-initialiser other tools call changed in anndata 0.13).
+    anndata.AnnData.__init__(query_adata, prepared)
     return None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ def package_versions() -> dict[str, str]:
 
     import pyrovi
 
-    return {"pyrovi": pyrovi.__version__,
-            **{name: version(name) for name in ("pyro-ppl", "torch", "anndata", "numpy")},
+    # torch's own version string names its build (2.13.0+cpu, 2.13.0+cu130), which the
+    # package metadata leaves out.
+    return {"pyrovi": pyrovi.__version__, "torch": torch.__version__,
+            **{name: version(name) for name in ("pyro-ppl", "anndata", "numpy")},
             "python": platform.python_version()}
 
 
