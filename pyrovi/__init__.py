@@ -9,9 +9,7 @@
 
 import logging
 
-__version__ = "0.1.0"
-
-from pyrovi import (  # noqa: E402
+from pyrovi import (
     data,
     datasets,
     distributions,
@@ -23,8 +21,9 @@ from pyrovi import (  # noqa: E402
     priors,
     zoo,
 )
-from pyrovi.models import LDVAE, SCVI, TOTALVI  # noqa: E402
-from pyrovi.zoo import load_pretrained  # noqa: E402
+from pyrovi._version import __version__
+from pyrovi.models import LDVAE, SCVI, TOTALVI
+from pyrovi.zoo import load_pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

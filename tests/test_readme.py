@@ -86,7 +86,7 @@ def test_extension_guide_runs_as_one_script(tmp_path, monkeypatch):
     assert namespace["replicates"].shape == (5, *namespace["counts"].shape)
     assert namespace["log_lik"].shape == (10, namespace["adata"].n_obs)
     assert {"posterior", "posterior_predictive", "log_likelihood"} <= set(
-        namespace["idata"].groups())
+        namespace["idata"].children)
 
 
 def test_readme_extending_example_runs(tmp_path, monkeypatch):

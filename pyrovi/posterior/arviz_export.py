@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,11 +12,16 @@ import torch
 from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 logger = logging.getLogger(__name__)
 
 #: Above this many values (draws × cells × features, all sites) ``to_arviz`` refuses and
 #: asks for fewer cells, features or draws: ArviZ holds everything in memory, densely.
 MAX_VALUES = 500_000_000
+#: Fewest draws with which ``arviz.loo`` runs on the ``log_likelihood`` group.
+MIN_LOO_DRAWS = 25
 
 
 def _site_coords(model, site: str, gene_positions, protein_positions):
@@ -47,10 +53,13 @@ def to_arviz(
     data=None,
     coords: dict[str, Sequence] | None = None,
     log_likelihood: bool = False,
-):
-    """Posterior draws of a trained model as an :class:`arviz.InferenceData`.
+) -> xr.DataTree:
+    """Posterior draws of a trained model as an ArviZ :class:`xarray.DataTree`.
 
-    One chain of ``n_samples`` draws from the amortized posterior. Groups:
+    One chain of ``n_samples`` draws from the amortized posterior, as the
+    :class:`xarray.DataTree` that ArviZ 1.x reads (the successor of ArviZ 0.x's
+    ``InferenceData``; each group is a child node holding an :class:`xarray.Dataset`).
+    Groups:
 
     - ``posterior``: the latent sites (``z`` with dims ``(cell, latent)``; ``library``
       ``(cell,)`` when the library size is latent; TotalVI's ``protein_background``
@@ -62,10 +71,17 @@ def to_arviz(
       ``log_library``;
     - ``log_likelihood`` (with ``log_likelihood=True``): each cell's ``log p(x | latents)``,
       summed over all its features, for separate posterior draws of the latents; cells are
-      the observations of ``arviz.loo``, ``arviz.waic`` and ``arviz.compare``.
+      the observations of ``arviz.loo`` and ``arviz.compare``.
 
-    so that ``arviz.summary(idata, var_names=["z"])`` and
-    ``arviz.plot_ppc(idata, var_names=["x"])`` work directly.
+    so that ``arviz.summary(idata, var_names=["z"])``, ``arviz.loo(idata)`` and the
+    predictive checks of ``arviz_plots`` (``arviz.plot_ppc_rootogram`` for counts,
+    ``arviz.plot_ppc_dist``) work directly. A group is absent when it would be empty (e.g.
+    no ``posterior`` when ``var_names`` names observed sites only).
+
+    PSIS-LOO needs at least 25 draws (its Pareto tail is a fifth of them, at least 5). When
+    a cell's log-likelihood varies by hundreds of nats across draws (a latent library size,
+    an untrained encoder) its Pareto k is far above 0.7 and ArviZ may return NaN for it;
+    the held-out ELBO or ``get_marginal_ll`` are then the measures to compare models by.
 
     Your own model/guide pair works too: pass the ``nn.Module`` itself and its per-cell
     arrays as ``data``; observed sites whose name is a key of ``data`` get
@@ -105,18 +121,23 @@ def to_arviz(
 
     Returns
     -------
-    arviz.InferenceData
+    xarray.DataTree
+        Child groups ``posterior``, ``posterior_predictive``, ``observed_data``,
+        ``constant_data`` and (with ``log_likelihood=True``) ``log_likelihood``; the sample
+        dimensions are ``chain`` (length 1) and ``draw``, and, e.g., ``idata.posterior["z"]``
+        is an :class:`xarray.DataArray` on ``(chain, draw, cell, latent)``.
 
     Examples
     --------
     >>> import arviz as az
-    >>> idata = pyrovi.posterior.to_arviz(model, n_samples=50, indices=range(200))
-    ... # doctest: +SKIP
-    >>> az.summary(idata, var_names=["z"]).head()  # doctest: +SKIP
-    >>> az.plot_ppc(idata, var_names=["x"], num_pp_samples=20)  # doctest: +SKIP
+    >>> idata = pyrovi.posterior.to_arviz(model, n_samples=50, indices=range(200),
+    ...                                   log_likelihood=True)  # doctest: +SKIP
+    >>> az.summary(idata, var_names=["z"], kind="stats").head()  # doctest: +SKIP
+    >>> az.loo(idata)  # PSIS-LOO over cells  # doctest: +SKIP
+    >>> az.plot_ppc_rootogram(idata, var_names=["x"],
+    ...                       coords={"gene": [idata.posterior_predictive.gene[0].item()]},
+    ...                       backend="matplotlib")  # doctest: +SKIP
     """
-    import arviz as az
-
     if seed is not None:
         torch.manual_seed(seed)
     if not hasattr(model, "module"):
@@ -181,40 +202,51 @@ def to_arviz(
         dims["log_library"] = ["cell"]
     if "latent" in {d for ds in dims.values() for d in ds}:
         coords["latent"] = np.arange(module.n_latent)
-    idata = az.from_dict(
-        posterior=groups["posterior"] or None,
-        posterior_predictive=groups["posterior_predictive"] or None,
-        observed_data=groups["observed_data"] or None,
-        constant_data=constant,
-        coords=coords,
-        dims=dims,
-    )
+    groups["constant_data"] = constant
+    idata = _data_tree(groups, coords, dims)
     if log_likelihood:
         _with_log_likelihood(idata, module, data, None, n_samples, batch_size, cell_names)
     return idata
 
 
-def _with_log_likelihood(idata, module, data, indices, n_samples, batch_size, cell_names):
-    """Add the ``log_likelihood`` group (one value per cell and draw) to ``idata``.
+def _data_tree(groups: dict[str, dict], coords: dict, dims: dict) -> xr.DataTree:
+    """The ArviZ DataTree of the non-empty ``groups`` (``{group: {site: array}}``).
 
-    Built as its own InferenceData because ``arviz.from_dict`` takes one ``dims`` for all
-    groups, and here an observed site has the dimension ``cell`` only.
+    ``arviz.from_dict`` drops the sample dimensions (``chain``, ``draw``) of groups whose
+    name contains "data", so ``dims`` (without them) serves every group.
     """
     import arviz as az
 
+    return az.from_dict({group: values for group, values in groups.items() if values},
+                        coords=coords, dims=dims)
+
+
+def _with_log_likelihood(idata: xr.DataTree, module, data, indices, n_samples, batch_size,
+                         cell_names) -> xr.DataTree:
+    """Add the ``log_likelihood`` group (one value per cell and draw) to ``idata``.
+
+    Built on its own because an observed site here has the dimension ``cell`` only, while
+    its ``dims`` in the other groups may name feature dimensions, or none (then ArviZ
+    would name the cell axis ``x_dim_0``, and ``loo`` could not line it up with ``cell``).
+    """
+    import arviz as az
+
+    if n_samples < MIN_LOO_DRAWS:
+        logger.warning("arviz.loo and arviz.compare need n_samples >= %d (Pareto smoothing "
+                       "fits a tail of a fifth of the draws, at least 5); got %d.",
+                       MIN_LOO_DRAWS, n_samples)
     values = pointwise_log_likelihood(module, data, n_samples, indices, batch_size)
-    idata.extend(az.from_dict(
+    idata["log_likelihood"] = az.dict_to_dataset(
         # float64: PSIS smoothing of float32 log-likelihoods in the hundreds returns NaN.
-        log_likelihood={site: value[None].astype(np.float64) for site, value in values.items()},
-        coords={"cell": cell_names}, dims={site: ["cell"] for site in values}))
+        {site: value[None].astype(np.float64) for site, value in values.items()},
+        coords={"cell": cell_names}, dims={site: ["cell"] for site in values},
+        sample_dims=["chain", "draw"])
     return idata
 
 
 def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, coords,
-                     log_likelihood):
+                     log_likelihood) -> xr.DataTree:
     """:func:`to_arviz` for a bare model/guide module and its per-cell arrays."""
-    import arviz as az
-
     data = as_cell_data(data)
     cells = np.arange(data.n_obs) if indices is None else np.asarray(indices)
     draws = posterior_samples(module, data, var_names, n_samples, indices=cells,
@@ -238,14 +270,8 @@ def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, co
                 if value is not None and value.dim() == 1 and name not in draws}
     dims.update({name: ["cell"] for name in constant})
     used = {d for ds in dims.values() for d in ds}
-    idata = az.from_dict(
-        posterior=groups["posterior"] or None,
-        posterior_predictive=groups["posterior_predictive"] or None,
-        observed_data=groups["observed_data"] or None,
-        constant_data=constant or None,
-        coords={k: np.asarray(v) for k, v in coords.items() if k in used},
-        dims=dims,
-    )
+    groups["constant_data"] = constant
+    idata = _data_tree(groups, {k: np.asarray(v) for k, v in coords.items() if k in used}, dims)
     if log_likelihood:
         _with_log_likelihood(idata, module, data, cells, n_samples, batch_size,
                              np.asarray(coords["cell"]))

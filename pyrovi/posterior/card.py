@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyrovi._version import __version__
+
 logger = logging.getLogger(__name__)
 
 CARD_MARKDOWN = "README.md"
@@ -37,11 +39,9 @@ def package_versions() -> dict[str, str]:
     """Versions of pyrovi and the packages a model's numbers depend on."""
     from importlib.metadata import version
 
-    import pyrovi
-
     # torch's own version string names its build (2.13.0+cpu, 2.13.0+cu130), which the
     # package metadata leaves out.
-    return {"pyrovi": pyrovi.__version__, "torch": torch.__version__,
+    return {"pyrovi": __version__, "torch": torch.__version__,
             **{name: version(name) for name in ("pyro-ppl", "anndata", "numpy")},
             "python": platform.python_version()}
 
