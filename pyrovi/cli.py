@@ -1,17 +1,40 @@
-"""The ``pyrovi`` command: train a model on an h5ad file, resume it, embed cells, write a card.
+"""The ``pyrovi`` command: train a model, resume it, embed cells, write a card, list datasets.
 
 ::
 
+    pyrovi train pbmc68k_reduced --labels-key bulk_labels --out demo/
     pyrovi train data.h5ad --model scvi --batch-key batch --max-epochs 400 --out run/
     pyrovi train data.h5ad --model scvi --batch-key batch --max-epochs 400 --out run/ --resume
     pyrovi embed run/model query.h5ad --out query_embedded.h5ad --key X_pyrovi
     pyrovi card run/model data.h5ad --out run/model/README.md --labels-key cell_type
+    pyrovi datasets
 
-``train`` writes ``<out>/model`` (``model.save``), ``<out>/history.csv`` and checkpoints in
-``<out>/checkpoints``; after an interruption (a killed job, a preempted node) the same
-command with ``--resume`` continues from the last checkpoint, exactly where the run stopped.
-The same is ``python -m pyrovi``. Errors are reported in one line with exit status 1 (2 for
-a wrong command line); ``--debug`` shows the traceback.
+The data argument is an h5ad file of raw counts or the name of a packaged dataset
+(:data:`pyrovi.datasets.PACKAGED_DATASETS`, listed by ``pyrovi datasets``); a file of that
+name wins over the dataset.
+
+``train`` writes, in ``<out>``:
+
+- ``model/``: the trained model (``model.save``; load it with ``pyrovi.SCVI.load``...);
+- ``history.csv``: the training history, one row per epoch;
+- ``checkpoints/``: the run's checkpoints; after an interruption (a killed job, a preempted
+  node) the same command with ``--resume`` continues from the last one, exactly where the
+  run stopped, and then writes the outputs below;
+- ``adata.h5ad``: the cells, with the latent representation (posterior mean) in
+  ``obsm["X_pyrovi"]`` and its two-dimensional UMAP in ``obsm["X_umap"]`` (the same for the
+  same ``--seed``);
+- ``umap.png``: that UMAP, one panel per ``--labels-key`` / ``--batch-key`` it is coloured by
+  (``--no-umap`` leaves out both: a seeded UMAP runs on one core);
+- ``history.png``: training and validation negative ELBO per epoch;
+- ``card/README.md`` and ``card/card.json``: the model card (``model.card``; checks on a
+  subsample, leave it out with ``--no-card``).
+
+The pictures and the UMAP need the ``plot`` extra (matplotlib, umap-learn); without it the
+rest is written and the log says what to install (``pip install "pyrovi[plot]"``, or
+``pip install -e ".[plot]"`` in a source checkout). ``--threads N`` sets torch's CPU threads
+(default: one per core); when the cores are busy with other work, ``--threads 1`` trains small
+models many times faster. The same command is ``python -m pyrovi``. Errors are reported in
+one line with exit status 1 (2 for a wrong command line); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +42,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
+
+from pyrovi.datasets import PACKAGED_DATASETS, load_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +55,19 @@ MODELS = {"scvi": "SCVI", "ldvae": "LDVAE", "totalvi": "TOTALVI"}
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 HISTORY_CSV = "history.csv"
+ADATA_H5AD = "adata.h5ad"
+UMAP_PNG = "umap.png"
+HISTORY_PNG = "history.png"
+CARD_DIR = "card"
+#: obsm keys of the latent representation (also ``embed``'s default) and of its UMAP.
+LATENT_KEY = "X_pyrovi"
+UMAP_KEY = "X_umap"
+# The card that train writes is a first look; ``pyrovi card`` writes a fuller one.
+TRAIN_CARD_SAMPLES = 2
+TRAIN_CARD_MAX_CELLS = 1000
+# Flags that change how a run is shown or stored, not the model it trains.
+_NOT_REPRODUCING = {"--no-progress", "-q", "--quiet", "--debug", "--overwrite", "--resume",
+                    "--no-umap", "--no-card"}
 
 
 class CommandError(Exception):
@@ -42,19 +81,28 @@ def _message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _existing_file(path: str, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise CommandError(f"{what} {os.fspath(path)!r} does not exist.")
-    if path.is_dir():
-        raise CommandError(f"{what} {os.fspath(path)!r} is a folder, not a file.")
-    return path
+def _data_source(data: str) -> Path | str:
+    """The h5ad file ``data`` names, else the name of a packaged dataset."""
+    path = Path(data)
+    # A file wins over a packaged dataset of the same name; a folder cannot hold the data,
+    # so it does not hide one (e.g. an earlier --out named after the dataset).
+    if path.is_file():
+        return path
+    if data in PACKAGED_DATASETS:
+        return data
+    problem = "is a folder, not a file" if path.exists() else "does not exist"
+    raise CommandError(f"Data file {data!r} {problem}, and it is not a packaged dataset "
+                       f"(packaged: {', '.join(PACKAGED_DATASETS)}; see pyrovi datasets).")
 
 
-def _read_h5ad(path: str):
+def _read_data(source: Path | str):
+    """The AnnData of an h5ad file or of a packaged dataset (from :func:`_data_source`)."""
     import anndata
 
-    return anndata.read_h5ad(_existing_file(path, "Data file"))
+    if isinstance(source, Path):
+        return anndata.read_h5ad(source)
+    logger.info("Loading the packaged dataset %s.", source)
+    return load_dataset(source)
 
 
 def _saved_model(model_dir: str) -> tuple[type, dict]:
@@ -101,7 +149,7 @@ def _train(args: argparse.Namespace) -> None:
     import pyrovi
     from pyrovi.infer import checkpoint
 
-    data_path = _existing_file(args.data, "Data file")
+    source = _data_source(args.data)
     out = Path(args.out)
     model_dir, checkpoint_dir = out / MODEL_DIR, out / CHECKPOINT_DIR
     found = checkpoint.list_checkpoints(checkpoint_dir)
@@ -123,7 +171,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.protein_obsm_key and (args.model or "scvi") != "totalvi" and not resume:
         raise CommandError("--protein-obsm-key is for --model totalvi.")
 
-    adata = _read_h5ad(data_path)
+    adata = _read_data(source)
+    registry_before = _registry_of(adata)
     progress = not args.no_progress
     checkpointing = {"checkpoint_every": args.checkpoint_every,
                      "keep_checkpoints": None if args.keep_checkpoints == 0
@@ -170,28 +219,27 @@ def _train(args: argparse.Namespace) -> None:
                 f", elbo_validation {last['elbo_validation']:.4g}"
                 if "elbo_validation" in last and last["elbo_validation"] == last["elbo_validation"]
                 else "", model_dir, out / HISTORY_CSV)
+    reproduce = None if resume else "pyrovi " + shlex.join(
+        a for a in args.argv if a not in _NOT_REPRODUCING)
+    _write_outputs(model, adata, registry_before, out, title=f"{type(model).__name__} on "
+                   f"{source.name if isinstance(source, Path) else source}",
+                   reproduce=reproduce, seed=args.seed, umap=not args.no_umap,
+                   card=not args.no_card, progress=progress)
 
 
-# -- embed ------------------------------------------------------------------------------------
-
-
-def _embed(args: argparse.Namespace) -> None:
+def _registry_of(adata):
     from pyrovi.data.registry import REGISTRY_UNS_KEY
 
-    source = _existing_file(args.data, "Data file")
-    out = Path(args.out)
-    if out.resolve() == source.resolve() and not args.overwrite:
-        raise CommandError(f"--out {os.fspath(out)!r} is the input file; pass --overwrite to "
-                           "add the representation to it in place.")
-    _refuse_existing(out, args.overwrite)
-    adata = _read_h5ad(source)
-    registry_before = adata.uns.get(REGISTRY_UNS_KEY)
-    model, _ = _load_model(args.model_dir, adata, args.device, args.subset_genes)
-    latent = model.get_latent_representation(batch_size=args.batch_size)
-    adata.obsm[args.key] = latent
-    # Loading registers the data with the model in adata.uns; the written file keeps
-    # whatever registry it had.
-    adata.uns.pop(REGISTRY_UNS_KEY, None)
+    return adata.uns.get(REGISTRY_UNS_KEY)
+
+
+def _write_h5ad(adata, out: Path, registry_before) -> None:
+    """Write ``adata`` to ``out`` with the registry it came with, atomically."""
+    from pyrovi.data.registry import REGISTRY_UNS_KEY
+
+    # Set-up or loading registers the data with the model in adata.uns; the written file
+    # keeps whatever registry it had (the model folder holds the model's).
+    registry_now = adata.uns.pop(REGISTRY_UNS_KEY, None)
     if registry_before is not None:
         adata.uns[REGISTRY_UNS_KEY] = registry_before
     # Written beside the target and renamed, so that a failure leaves --out (maybe the
@@ -203,6 +251,108 @@ def _embed(args: argparse.Namespace) -> None:
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
+        # The model keeps using adata (for the card), registered as it was.
+        adata.uns.pop(REGISTRY_UNS_KEY, None)
+        if registry_now is not None:
+            adata.uns[REGISTRY_UNS_KEY] = registry_now
+
+
+def _write_outputs(model, adata, registry_before, out: Path, title: str, reproduce: str | None,
+                   seed: int, umap: bool, card: bool, progress: bool) -> None:
+    """Write what a user looks at first: adata.h5ad, umap.png, history.png, the card."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from pyrovi.plotting import (
+        PLOT_INSTALL,
+        missing_plot_packages,
+        plot_history,
+        plot_umap,
+        umap_coordinates,
+    )
+    from pyrovi.posterior.card import CARD_JSON, CARD_MARKDOWN
+
+    # Only the packages of the outputs asked for count as missing.
+    missing = [p for p in missing_plot_packages() if umap or p != "umap-learn"]
+    can_draw = "matplotlib" not in missing
+    can_embed = umap and "umap-learn" not in missing
+    registry = model.registry
+    keys = [k for k in (registry.labels_key, registry.batch_key) if k is not None]
+    written = []
+    steps = ["latent space", "UMAP", ADATA_H5AD, "pictures"] + (["model card"] if card else [])
+    with logging_redirect_tqdm(), tqdm(total=len(steps), desc="outputs", unit="step",
+                                       disable=not progress) as bar:
+        bar.set_postfix_str("latent space")
+        adata.obsm[LATENT_KEY] = model.get_latent_representation()
+        bar.update()
+
+        bar.set_postfix_str("UMAP")
+        coordinates = umap_coordinates(adata.obsm[LATENT_KEY], seed=seed) if can_embed else None
+        if coordinates is not None:
+            adata.obsm[UMAP_KEY] = coordinates
+        elif UMAP_KEY in adata.obsm and umap:
+            logger.warning("obsm[%r] of %s is the input's own, not a UMAP of the latent space.",
+                           UMAP_KEY, ADATA_H5AD)
+        bar.update()
+
+        bar.set_postfix_str(ADATA_H5AD)
+        _write_h5ad(adata, out / ADATA_H5AD, registry_before)
+        written.append(f"{out / ADATA_H5AD} (obsm[{LATENT_KEY!r}]"
+                       + (f", obsm[{UMAP_KEY!r}])" if coordinates is not None else ")"))
+        bar.update()
+
+        bar.set_postfix_str("pictures")
+        pictures = {HISTORY_PNG: can_draw, UMAP_PNG: can_draw and coordinates is not None}
+        for picture, possible in pictures.items():
+            if not possible:
+                # A picture of an earlier run (--overwrite) would pass for this run's.
+                (out / picture).unlink(missing_ok=True)
+        if pictures[HISTORY_PNG]:
+            plot_history(model.history, out / HISTORY_PNG)
+            written.append(os.fspath(out / HISTORY_PNG))
+        if pictures[UMAP_PNG]:
+            plot_umap(coordinates, adata.obs, keys, out / UMAP_PNG, seed=seed)
+            written.append(os.fspath(out / UMAP_PNG))
+        if missing:
+            left_out = [p for p, possible in pictures.items() if not possible
+                        and (umap or p != UMAP_PNG)]
+            if not can_embed and umap:
+                left_out.append(f"obsm[{UMAP_KEY!r}]")
+            logger.warning("Left out %s: %s not installed. Add them with: %s", ", ".join(left_out),
+                           " and ".join(missing) + (" is" if len(missing) == 1 else " are"),
+                           PLOT_INSTALL)
+        bar.update()
+
+        if card:
+            bar.set_postfix_str("model card")
+            model.card(out / CARD_DIR, title=title, reproduce=reproduce,
+                       labels_key=registry.labels_key, batch_key=registry.batch_key,
+                       n_samples=TRAIN_CARD_SAMPLES, max_cells=TRAIN_CARD_MAX_CELLS, seed=seed)
+            written.append(os.fspath(out / CARD_DIR / CARD_MARKDOWN))
+            bar.update()
+        else:
+            # As for the pictures: an earlier run's card must not pass for this run's.
+            for stale in (CARD_MARKDOWN, CARD_JSON):
+                (out / CARD_DIR / stale).unlink(missing_ok=True)
+    logger.info("Wrote %s.", "; ".join(written))
+
+
+# -- embed ------------------------------------------------------------------------------------
+
+
+def _embed(args: argparse.Namespace) -> None:
+    source = _data_source(args.data)
+    out = Path(args.out)
+    if isinstance(source, Path) and out.resolve() == source.resolve() and not args.overwrite:
+        raise CommandError(f"--out {os.fspath(out)!r} is the input file; pass --overwrite to "
+                           "add the representation to it in place.")
+    _refuse_existing(out, args.overwrite)
+    adata = _read_data(source)
+    registry_before = _registry_of(adata)
+    model, _ = _load_model(args.model_dir, adata, args.device, args.subset_genes)
+    latent = model.get_latent_representation(batch_size=args.batch_size)
+    adata.obsm[args.key] = latent
+    _write_h5ad(adata, out, registry_before)
     logger.info("Wrote %s: obsm[%r], %d cells x %d latent dimensions.", out, args.key,
                 latent.shape[0], latent.shape[1])
 
@@ -216,7 +366,7 @@ def _card(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _refuse_existing(out if out.suffix == ".md" else out / CARD_MARKDOWN, args.overwrite)
-    adata = _read_h5ad(args.data)
+    adata = _read_data(_data_source(args.data))
     model, saved = _load_model(args.model_dir, adata, args.device)
     if saved.get("data") != data_fingerprint(model.adata):
         # Not the training cells (or unknown): the saved split does not index these cells,
@@ -227,6 +377,23 @@ def _card(args: argparse.Namespace) -> None:
                labels_key=args.labels_key, batch_key=args.batch_key, n_samples=args.n_samples,
                max_cells=args.max_cells, embedding=not args.no_embedding, seed=args.seed)
     logger.info("Wrote the model card %s.", out)
+
+
+# -- datasets ---------------------------------------------------------------------------------
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    rows = [(name, f"{entry.n_cells} cells x {entry.n_genes} genes", entry.description,
+             ", ".join(f"{key} ({what})" for key, what in entry.obs_keys.items()))
+            for name, entry in PACKAGED_DATASETS.items()]
+    name_width = max(len(r[0]) for r in rows)
+    size_width = max(len(r[1]) for r in rows)
+    for name, size, description, keys in rows:
+        print(f"{name:<{name_width}}  {size:<{size_width}}  {description}")
+        if keys:
+            print(f"{'':<{name_width}}  {'':<{size_width}}  obs keys: {keys}")
+    print("\nUse a name in place of an h5ad path, e.g. pyrovi train pbmc68k_reduced "
+          "--labels-key bulk_labels --out demo")
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -240,27 +407,54 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pyrovi`` (one subcommand each for train, embed, card)."""
-    common = argparse.ArgumentParser(add_help=False)
+    """The argument parser of ``pyrovi`` (subcommands train, embed, card, datasets)."""
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    logging_options.add_argument("--debug", action="store_true",
+                                 help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False, parents=[logging_options])
     common.add_argument("--device", default=None,
                         help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'... "
                              "(default: auto for train, cpu otherwise)")
-    common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    common.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error")
+    common.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads of torch (default: torch's, one per core); 1 is "
+                             "often faster for small data or on a busy machine")
+    data_help = ("h5ad file with raw counts, or the name of a packaged dataset such as "
+                 "pbmc68k_reduced (pyrovi datasets lists them; an existing file wins)")
 
     parser = argparse.ArgumentParser(
         prog="pyrovi",
-        description="Train pyrovi models on h5ad files (checkpointed, resumable), embed "
-                    "cells with a trained model, write model cards.",
+        description="Train pyrovi models on h5ad files or packaged datasets (checkpointed, "
+                    "resumable), embed cells with a trained model, write model cards.",
         epilog="Run 'pyrovi <command> --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     train = commands.add_parser(
-        "train", parents=[common], help="train a model on an h5ad file (checkpointed)",
-        description="Train a model on the raw counts of an h5ad file. Writes OUT/model "
-                    "(model.save), OUT/history.csv and checkpoints in OUT/checkpoints.")
-    train.add_argument("data", help="h5ad file with raw counts")
+        "train", parents=[common],
+        help="train a model (checkpointed); write its latent space, UMAP, pictures and card",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model on the raw counts of an h5ad file or a packaged dataset.\n"
+                    "\n"
+                    "Writes in OUT:\n"
+                    "  model/             the trained model (model.save)\n"
+                    "  history.csv        the training history, one row per epoch\n"
+                    "  checkpoints/       checkpoints, for --resume after an interruption\n"
+                    f"  adata.h5ad         the cells, with the latent space (posterior mean) "
+                    f"in\n                     obsm[{LATENT_KEY!r}] and its UMAP in "
+                    f"obsm[{UMAP_KEY!r}]\n"
+                    "  umap.png           the UMAP, coloured by --labels-key and --batch-key;"
+                    " not with\n                     --no-umap\n"
+                    "  history.png        training and validation ELBO per epoch\n"
+                    "  card/README.md     the model card (and card/card.json); not with "
+                    "--no-card\n"
+                    "\n"
+                    "The UMAP and the pictures need the plot extra: pip install "
+                    "\"pyrovi[plot]\"\n"
+                    "(in a source checkout: pip install -e \".[plot]\"); without it the "
+                    "rest is written.\n"
+                    "A resumed run (--resume) writes all of these when it ends.",
+        epilog="example: pyrovi train pbmc68k_reduced --labels-key bulk_labels --out demo")
+    train.add_argument("data", help=data_help)
     train.add_argument("--model", choices=sorted(MODELS), default=None,
                        help="model class (default: scvi; with --resume, the checkpoint's)")
     train.add_argument("--out", required=True, help="output folder")
@@ -286,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--train-size", type=float, default=None,
                          help="fraction of cells for training (default 0.9)")
     fitting.add_argument("--seed", type=int, default=0,
-                         help="seed of the initial weights, split, minibatches and draws")
+                         help="seed of the initial weights, split, minibatches and draws, "
+                              "and of the UMAP and the card's checks")
     fitting.add_argument("--no-progress", action="store_true", help="no progress bar")
     fitting.add_argument("--strategy", choices=("single", "ddp"), default="single",
                          help="ddp: data-parallel over the processes of a torchrun launch "
@@ -302,15 +497,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "starts afresh if there is none yet)")
     ckpt.add_argument("--overwrite", action="store_true",
                       help="replace an earlier run in OUT (its checkpoints are deleted)")
+    outputs = train.add_argument_group("outputs")
+    outputs.add_argument("--no-umap", action="store_true",
+                         help="leave out obsm['X_umap'] and umap.png (a seeded UMAP runs on "
+                              "one core: minutes beyond ~100k cells)")
+    outputs.add_argument("--no-card", action="store_true",
+                         help="leave out OUT/card (its checks on up to "
+                              f"{TRAIN_CARD_MAX_CELLS} cells per split take the longest of the "
+                              "outputs; pyrovi card writes a fuller card later)")
     train.set_defaults(handler=_train)
 
     embed = commands.add_parser(
         "embed", parents=[common], help="write the latent representation into obsm",
         description="Write a trained model's latent representation (posterior mean) of the "
-                    "cells of an h5ad file into obsm of a new h5ad file. The cells need the "
+                    "cells of an h5ad file (or a packaged dataset) into obsm of a new h5ad "
+                    "file. The cells need the "
                     "model's genes (in its order, or --subset-genes) and batches.")
     embed.add_argument("model_dir", help="folder of a saved model (OUT/model of train)")
-    embed.add_argument("data", help="h5ad file with raw counts")
+    embed.add_argument("data", help=data_help)
     embed.add_argument("--out", required=True, help="h5ad file to write")
     embed.add_argument("--key", default="X_pyrovi", help="obsm key (default: X_pyrovi)")
     embed.add_argument("--batch-size", type=_positive, default=None,
@@ -326,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a trained model's card: parameters, set-up, training, posterior "
                     "predictive checks, DE agreement and embedding metrics on the given data.")
     card.add_argument("model_dir", help="folder of a saved model")
-    card.add_argument("data", help="h5ad file with raw counts (the training data for the "
-                                   "training/validation split)")
+    card.add_argument("data", help=data_help + "; the training data give the card the "
+                                               "training/validation split")
     card.add_argument("--out", required=True,
                       help="a .md file (JSON beside it) or a folder (README.md, card.json)")
     card.add_argument("--labels-key", default=None,
@@ -344,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--seed", type=int, default=0, help="seed of subsampling and draws")
     card.add_argument("--overwrite", action="store_true", help="replace an existing card")
     card.set_defaults(handler=_card)
+
+    datasets = commands.add_parser(
+        "datasets", parents=[logging_options], help="list the packaged datasets",
+        description="List the datasets that train, embed and card accept by name in place of "
+                    "an h5ad path: name, size, description and useful obs keys.")
+    datasets.set_defaults(handler=_datasets)
     return parser
 
 
@@ -362,9 +572,15 @@ def main(argv: list[str] | None = None) -> int:
         line on stderr), 130 when interrupted. A wrong command line exits with 2.
     """
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if args.device is None:
+    args.argv = argv
+    if getattr(args, "device", "") is None:
         args.device = "auto" if args.command == "train" else "cpu"
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
