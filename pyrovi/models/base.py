@@ -18,7 +18,7 @@ import pandas as pd
 import pyro
 import torch
 
-from pyrovi import __version__
+from pyrovi._version import __version__
 from pyrovi.data import (
     AnnDataRegistry,
     CellTensors,
