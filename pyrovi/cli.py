@@ -105,19 +105,25 @@ def _read_data(source: Path | str):
     return load_dataset(source)
 
 
+def _model_class(name: str) -> type:
+    """The pyrovi model class called ``name`` (read from a file: only known names pass)."""
+    import pyrovi
+
+    if name not in MODELS.values():
+        raise CommandError(f"The saved model is a {name!r}, which is not a pyrovi model class "
+                           f"({', '.join(MODELS.values())}).")
+    return getattr(pyrovi, name)
+
+
 def _saved_model(model_dir: str) -> tuple[type, dict]:
     """The class of the model saved in ``model_dir`` and its saved content."""
-    import torch
+    from pyrovi.io.model_files import SavedModel
 
-    import pyrovi
-    from pyrovi.models.base import _CHECKPOINT
-
-    path = Path(model_dir) / _CHECKPOINT
-    if not path.is_file():
-        raise CommandError(f"No saved pyrovi model in {model_dir!r} (no {_CHECKPOINT}; "
-                           "write one with pyrovi train or model.save).")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return getattr(pyrovi, saved["model_class"]), saved
+    try:
+        saved = SavedModel(model_dir)
+    except FileNotFoundError as error:
+        raise CommandError(f"{error} Write one with pyrovi train or model.save.") from None
+    return _model_class(saved.model_class), saved.state
 
 
 def _load_model(model_dir: str, adata, device: str, subset_genes: bool = False):
@@ -155,6 +161,11 @@ def _train(args: argparse.Namespace) -> None:
     found = checkpoint.list_checkpoints(checkpoint_dir)
     resume = args.resume and bool(found)
     if args.resume and not found:
+        if checkpoint_dir.is_dir():
+            try:  # refuses pyrovi 0.1.0's pickled checkpoints with its own message
+                checkpoint.latest_checkpoint(checkpoint_dir)
+            except FileNotFoundError:
+                pass
         logger.warning("No checkpoint in %s yet: starting the run from the beginning.",
                        checkpoint_dir)
     if not resume:
@@ -178,16 +189,19 @@ def _train(args: argparse.Namespace) -> None:
                      "keep_checkpoints": None if args.keep_checkpoints == 0
                      else args.keep_checkpoints}
     if resume:
-        state = checkpoint.read_checkpoint(checkpoint_dir)
+        from pyrovi.io.checkpoint_files import read_checkpoint
+
+        state = read_checkpoint(checkpoint_dir)
         name = state["model"]["model_class"]
         if args.model is not None and MODELS[args.model] != name:
             raise CommandError(f"--resume: the run in {os.fspath(checkpoint_dir)!r} trains a "
                                f"{name}, not a {MODELS[args.model]}.")
         logger.info("Resuming the %s run in %s (model, setup and training options from the "
                     "checkpoint).", name, checkpoint_dir)
-        model = getattr(pyrovi, name).load_checkpoint(state["path"], adata)
-        model.train(resume_from=state["path"], device=args.device, progress_bar=progress,
-                    checkpoint_dir=checkpoint_dir, **checkpointing)
+        model = _model_class(name).load_checkpoint(state["path"], adata)
+        # --max-epochs, if given, must be the run's: the library says so otherwise.
+        model.train(resume_from=state["path"], max_epochs=args.max_epochs, device=args.device,
+                    progress_bar=progress, checkpoint_dir=checkpoint_dir, **checkpointing)
     else:
         cls = getattr(pyrovi, MODELS[args.model or "scvi"])
         setup = {"batch_key": args.batch_key, "labels_key": args.labels_key,

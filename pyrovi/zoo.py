@@ -4,7 +4,8 @@ Each model lives in a folder of the repository's ``models/`` directory::
 
     models/<name>/
         config.json   data set, gene selection, setup, model and training arguments
-        model.pt      weights, registry and history (written by ``model.save``)
+        model/        the saved model (``model.save``: weights as safetensors, the rest as
+                      JSON, a manifest of SHA-256 digests; see :mod:`pyrovi.io.model_files`)
         README.md     the model card (``model.card``), with the command that made it
         card.json     the card's content for programs
 
@@ -26,11 +27,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pyrovi.io.model_files import SavedModel
+
 logger = logging.getLogger(__name__)
 
 MODELS_ENV = "PYROVI_MODELS"
 DATA_ENV = "PYROVI_DATA"
 CONFIG = "config.json"
+#: Folder of a zoo model that holds the saved model itself.
+MODEL_FOLDER = "model"
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,6 +82,17 @@ def read_config(name_or_path: str | os.PathLike) -> dict:
     return json.loads((model_path(name_or_path) / CONFIG).read_text())
 
 
+def _model_class(config: dict) -> type:
+    """The pyrovi model class a zoo config names (a file's text: known names only)."""
+    import pyrovi
+
+    name = config.get("model_class")
+    if name not in ("SCVI", "LDVAE", "TOTALVI"):
+        raise ValueError(f"config.json names model_class={name!r}, which is not a pyrovi "
+                         "model (SCVI, LDVAE, TOTALVI).")
+    return getattr(pyrovi, name)
+
+
 def top_variable_genes(adata, n_top_genes: int, layer: str | None = None) -> list[str]:
     """The ``n_top_genes`` genes of highest variance of log1p(counts per 10,000).
 
@@ -110,7 +126,6 @@ def prepare_data(config: dict, data_dir: str | os.PathLike | None = None):
     -------
     anndata.AnnData
     """
-    import pyrovi
 
     path = Path(data_dir or default_data_dir()) / config["dataset"]
     if not path.exists():
@@ -122,7 +137,7 @@ def prepare_data(config: dict, data_dir: str | os.PathLike | None = None):
     n_top = config.get("n_top_genes")
     if n_top:
         adata = adata[:, top_variable_genes(adata, n_top)].copy()
-    getattr(pyrovi, config["model_class"]).setup_anndata(adata, **config.get("setup", {}))
+    _model_class(config).setup_anndata(adata, **config.get("setup", {}))
     return adata
 
 
@@ -150,16 +165,15 @@ def train_reference(
     --------
     >>> pyrovi.zoo.train_reference("scvi_pbmc4k")  # doctest: +SKIP
     """
-    import pyrovi
 
     folder = model_path(name_or_path)
     config = read_config(folder)
     adata = prepare_data(config, data_dir)
     seed = config.get("seed", 0)
     torch.manual_seed(seed)
-    model = getattr(pyrovi, config["model_class"])(adata, **config.get("model", {}))
+    model = _model_class(config)(adata, **config.get("model", {}))
     model.train(seed=seed, progress_bar=progress_bar, **config.get("train", {}))
-    model.save(folder, overwrite=True)
+    model.save(folder / MODEL_FOLDER, overwrite=True)
     model.card(folder, title=config.get("title"), description=config.get("description", ""),
                reproduce=f"python -m pyrovi.zoo train {folder.name}", seed=seed,
                **config.get("card", {}))
@@ -203,12 +217,9 @@ def load_pretrained(
     >>> model = pyrovi.load_pretrained("scvi_pbmc4k", adata)  # doctest: +SKIP
     >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
     """
-    import pyrovi
-
     folder = model_path(name_or_path)
-    config = read_config(folder)
-    cls = getattr(pyrovi, config["model_class"])
-    genes = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)["var_names"]
+    cls = _model_class(read_config(folder))
+    genes = SavedModel(folder / MODEL_FOLDER).var_names
     flat = cls._as_anndata(adata)
     present = set(map(str, flat.var_names))
     missing = [g for g in genes if g not in present]
@@ -228,7 +239,7 @@ def load_pretrained(
         logger.info("Using the %d genes of %s out of the %d of adata.", len(genes),
                     folder.name, flat.n_vars)
         adata = flat[:, genes].copy()
-    return cls.load(folder, adata=adata, device=device)
+    return cls.load(folder / MODEL_FOLDER, adata=adata, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import torch
 import pyrovi
 from pyrovi.datasets import simulate_cite_seq, simulate_counts
 from pyrovi.infer import checkpoint
+from pyrovi.io.checkpoint_files import read_checkpoint
 
 #: Three runs that exercise different parts of the saved state: the epoch-based warm-up with
 #: validation every other epoch (history rows with and without validation columns); the
@@ -72,7 +73,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(run, tmp_path,
         with pytest.raises(KeyboardInterrupt):
             build(model_class).train(**options, checkpoint_dir=tmp_path, checkpoint_every=2)
     # Epochs 0-3 ran: the checkpoint after 4 epochs is the last (and, keeping 1, the only).
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000004.pt"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000004"]
 
     # Other initial weights: everything must come from the checkpoint.
     resumed = build(model_class, init_seed=1)
@@ -88,7 +89,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(run, tmp_path,
     # Same representation from the same weights (eval mode, posterior mean).
     assert (resumed.get_latent_representation() == straight.get_latent_representation()).all()
     # The run's end is checkpointed: resuming it again trains nothing and changes nothing.
-    final = checkpoint.read_checkpoint(tmp_path)
+    final = read_checkpoint(tmp_path)
     assert final["finished"] and final["epochs_done"] == len(straight.history)
     again = build(model_class, init_seed=2).train(resume_from=tmp_path, progress_bar=False)
     pd.testing.assert_frame_equal(again.history, straight.history, check_exact=True)
@@ -101,47 +102,50 @@ def test_load_checkpoint_restores_the_model_of_that_epoch(tmp_path):
                 checkpoint_every=2, keep_checkpoints=None)
     assert [checkpoint.epochs_done(p) for p in checkpoint.list_checkpoints(tmp_path)] == [2, 4, 6]
     adata = simulate_counts(n_cells=290, n_genes=60, n_clusters=3, n_batches=2, seed=1)
-    at_four = pyrovi.SCVI.load_checkpoint(tmp_path / "checkpoint-000004.pt", adata)
+    at_four = pyrovi.SCVI.load_checkpoint(tmp_path / "checkpoint-000004", adata)
     assert list(at_four.history.index) == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(at_four.history, model.history.iloc[:4], check_exact=True)
     latest = pyrovi.SCVI.load_checkpoint(tmp_path, adata)
     assert_same_weights(latest, model)
     # Resuming the model loaded at epoch 4 supersedes the later checkpoints of that run.
-    at_four.train(resume_from=tmp_path / "checkpoint-000004.pt", progress_bar=False,
+    at_four.train(resume_from=tmp_path / "checkpoint-000004", progress_bar=False,
                   keep_checkpoints=1)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000006.pt"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000006"]
     pd.testing.assert_frame_equal(at_four.history, model.history, check_exact=True)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    publish = checkpoint._publish
-    temporary_files = []
+    from pyrovi.io import bundle
 
-    def fail_on_second(temporary, path):
-        # The temporary file is complete when the rename would happen.
-        assert temporary.exists() and temporary.stat().st_size > 0
-        temporary_files.append(temporary)
-        if len(temporary_files) == 2:
+    write_bytes = bundle._write_bytes
+    partial_folders = []
+
+    def fail_in_second_write(path, data):
+        # The second checkpoint dies halfway through its files, before it is renamed in.
+        if path.parent not in partial_folders:
+            partial_folders.append(path.parent)
+        if len(partial_folders) == 2 and path.name == "optimizer.safetensors":
             raise OSError("disk went away")
-        publish(temporary, path)
+        write_bytes(path, data)
 
-    monkeypatch.setattr(checkpoint, "_publish", fail_on_second)
+    monkeypatch.setattr(bundle, "_write_bytes", fail_in_second_write)
     with pytest.raises(OSError, match="disk went away"):
         build("SCVI").train(max_epochs=5, seed=0, progress_bar=False, checkpoint_dir=tmp_path)
     monkeypatch.undo()
 
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000001.pt"]
-    assert not temporary_files[1].exists()  # cleaned up
-    state = checkpoint.read_checkpoint(tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000001"]
+    assert not partial_folders[1].exists()  # cleaned up
+    state = read_checkpoint(tmp_path)
     assert state["epochs_done"] == 1 and not state["finished"]
-    # A process killed while writing leaves its temporary file: it is ignored, then removed.
-    stale = tmp_path / ".checkpoint-000002.pt.12345.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-000001.pt"
+    # A process killed while writing leaves its temporary folder: it is ignored, then removed.
+    stale = tmp_path / ".checkpoint-000002.partial-1234abcd"
+    stale.mkdir()
+    (stale / "model.json").write_bytes(b"half a checkpoint")
+    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint-000001"
     resumed = build("SCVI").train(resume_from=tmp_path, progress_bar=False)
     assert list(resumed.history.index) == [0, 1, 2, 3, 4]
     assert not stale.exists()
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000005.pt"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000005"]
 
 
 def test_wrong_checkpoints_and_arguments_are_refused(tmp_path):
@@ -169,7 +173,7 @@ def test_wrong_checkpoints_and_arguments_are_refused(tmp_path):
     model.save(tmp_path / "saved")
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
         build("SCVI").train(resume_from=tmp_path / "saved")
-    with pytest.raises(ValueError, match="not a pyrovi training checkpoint"):
-        checkpoint.read_checkpoint(tmp_path / "saved" / "model.pt")
+    with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+        read_checkpoint(tmp_path / "saved")
     with pytest.raises(ValueError, match="checkpoint_dir"):
         build("SCVI").train(max_epochs=1, checkpoint_every=2)

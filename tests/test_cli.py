@@ -90,7 +90,7 @@ def test_train_writes_model_history_and_checkpoint(trained, h5ad):
     assert list(history.index) == [0, 1, 2]
     assert {"elbo_train", "elbo_validation", "kl_weight"} <= set(history.columns)
     assert [p.name for p in checkpoint.list_checkpoints(trained / "checkpoints")] == [
-        "checkpoint-000003.pt"]
+        "checkpoint-000003"]
     model = pyrovi.SCVI.load(trained / "model", anndata.read_h5ad(h5ad))
     assert model.init_params["n_latent"] == 4 and model.registry.batch_key == "batch"
     np.testing.assert_allclose(model.history.to_numpy(), history.to_numpy(), rtol=1e-12)
@@ -275,7 +275,7 @@ def test_resume_of_a_finished_run_and_overwrite(trained, h5ad):
     assert main(train_args(h5ad, trained, "--overwrite", "--max-epochs", "2")) == 0
     assert len(pd.read_csv(trained / "history.csv")) == 2
     assert [p.name for p in checkpoint.list_checkpoints(trained / "checkpoints")] == [
-        "checkpoint-000002.pt"]
+        "checkpoint-000002"]
 
 
 # -- packaged datasets -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_readme_quick_start_runs_and_writes_the_latent_space(tmp_path, monkeypat
     adata, model = namespace["adata"], namespace["model"]
     assert adata.obsm["X_scVI"].shape == (700, 10)
     assert adata.layers["scvi_normalized"].shape == (700, 765)
-    assert (tmp_path / "pbmc_scvi" / "model.pt").exists()
+    assert (tmp_path / "pbmc_scvi" / "manifest.json").exists()
     assert model.history["elbo_validation"].iloc[-1] < model.history["elbo_validation"].iloc[0]
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints: what an interrupted run needs to continue exactly where it stopped.
 
-A checkpoint is one file, ``checkpoint-<epochs done>.pt`` in a checkpoint directory, holding
+A checkpoint is a folder, ``checkpoint-<epochs done>`` in a checkpoint directory, holding
 
 - the model as :meth:`~pyrovi.models.base.BaseModel.save` stores it (weights, constructor
   arguments, registry, genes, history so far, train/validation split, training options),
@@ -11,9 +11,12 @@ A checkpoint is one file, ``checkpoint-<epochs done>.pt`` in a checkpoint direct
   minibatch order and Monte Carlo draws after a resume are those of an uninterrupted run,
 - where the run ends (``first_epoch + max_epochs``) and whether it ended.
 
-Files are written to a temporary name, flushed to disk and then renamed over the final
-name (:func:`atomic_save`): an interruption during the write leaves the previous checkpoint
-intact. Only the last ``keep`` checkpoints are kept.
+This module knows the names, the content and when to write; how the content is laid out
+in files (data only: JSON and safetensors with a manifest of digests) is
+:mod:`pyrovi.io.checkpoint_files`, which the models pass to :class:`CheckpointWriter`.
+Folders are written beside their final name and renamed into place, so an interruption
+during a write leaves the previous checkpoint intact. Only the last ``keep`` checkpoints
+are kept.
 
 Models write checkpoints with ``model.train(checkpoint_dir=...)`` and continue with
 ``model.train(resume_from=...)``; this module is the machinery.
@@ -25,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,17 +40,21 @@ from pyrovi.infer.training import EpochEnd
 
 logger = logging.getLogger(__name__)
 
-#: Value of the ``"format"`` entry that marks a file as a pyrovi training checkpoint.
-FORMAT = "pyrovi-checkpoint"
-FORMAT_VERSION = 1
-_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+#: pyrovi 0.1.0 wrote each checkpoint as one pickle, which is never read.
+_LEGACY_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+#: Temporary folders of a write in progress start with this (see pyrovi.io.bundle).
 _TEMP_PREFIX = ".checkpoint-"
+
+
+class LegacyCheckpointError(ValueError):
+    """A checkpoint of pyrovi 0.1.0 (a pickle, which pyrovi does not read: it could run code)."""
 
 
 def checkpoint_path(directory: str | os.PathLike, epochs_done: int) -> Path:
     """Path of the checkpoint written after ``epochs_done`` epochs in ``directory``."""
     # Zero-padded so that a plain listing sorts in training order.
-    return Path(directory) / f"checkpoint-{epochs_done:06d}.pt"
+    return Path(directory) / f"checkpoint-{epochs_done:06d}"
 
 
 def epochs_done(path: str | os.PathLike) -> int:
@@ -54,92 +62,73 @@ def epochs_done(path: str | os.PathLike) -> int:
     match = _NAME.match(Path(path).name)
     if match is None:
         raise ValueError(f"{os.fspath(path)!r} is not named like a checkpoint "
-                         "(checkpoint-<epochs>.pt).")
+                         "(checkpoint-<epochs>).")
     return int(match.group(1))
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Checkpoints in ``directory``, oldest first (none if it does not exist).
 
-    Temporary files of an interrupted write are not listed.
+    Temporary folders of an interrupted write are not listed.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and p.is_file()]
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and p.is_dir()]
     return sorted(found, key=epochs_done)
 
 
+def _legacy_refusal(path: Path) -> LegacyCheckpointError:
+    return LegacyCheckpointError(
+        f"{os.fspath(path)!r} is a checkpoint of pyrovi 0.1.0, stored as a pickle, which this "
+        "pyrovi does not read (a pickle can run code when loaded). Finish that run with "
+        "pyrovi 0.1.0, or train again; saved models of 0.1.0 (model.save) still load.")
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file ``path`` names: itself if a file, else the newest in the folder.
+    """The checkpoint ``path`` names: itself if a checkpoint folder, else the newest in it.
 
     Raises
     ------
     FileNotFoundError
         Nothing at ``path``, or a folder without checkpoints.
+    LegacyCheckpointError
+        ``path`` is, or holds only, checkpoints of pyrovi 0.1.0.
     """
     path = Path(path)
-    if path.is_file():
+    if _LEGACY_NAME.match(path.name):
+        raise _legacy_refusal(path)
+    if _NAME.match(path.name) and path.is_dir():
         return path
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {os.fspath(path)!r}: no such file or folder.")
     found = list_checkpoints(path)
     if not found:
+        legacy = sorted(p for p in path.iterdir() if _LEGACY_NAME.match(p.name)) \
+            if path.is_dir() else []
+        if legacy:
+            raise _legacy_refusal(legacy[-1])
         raise FileNotFoundError(
-            f"No checkpoint in {os.fspath(path)!r} (files named checkpoint-<epochs>.pt, "
+            f"No checkpoint in {os.fspath(path)!r} (folders named checkpoint-<epochs>, "
             "written by model.train(checkpoint_dir=...))."
         )
     return found[-1]
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint (a file, or the newest in a folder) onto the CPU.
-
-    Parameters
-    ----------
-    path
-        Checkpoint file or checkpoint folder.
-
-    Returns
-    -------
-    dict
-        The checkpoint's content, with ``"path"`` added (the file read).
-
-    Raises
-    ------
-    FileNotFoundError
-        See :func:`latest_checkpoint`.
-    ValueError
-        The file is not a pyrovi training checkpoint (a saved model, say).
-    """
-    path = latest_checkpoint(path)
-    # Not weights_only: the checkpoint holds Python RNG state and the model's settings.
-    content = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a pyrovi training checkpoint (a saved model is "
-            "loaded with load, not resumed)."
-        )
-    if content.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{os.fspath(path)!r} was written by a newer pyrovi; update pyrovi.")
-    content["path"] = path
-    return content
-
-
 def remove_checkpoints(directory: str | os.PathLike) -> int:
-    """Delete the checkpoints (and temporary files) of ``directory``; return how many.
+    """Delete the checkpoints (and temporary folders) of ``directory``; return how many.
 
     Other files are left alone.
     """
     removed = 0
     directory = Path(directory)
-    for path in list_checkpoints(directory) + _temporary_files(directory):
-        path.unlink(missing_ok=True)
+    for path in list_checkpoints(directory) + _temporary_folders(directory):
+        shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
 
 
-def _temporary_files(directory: Path) -> list[Path]:
+def _temporary_folders(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return [p for p in directory.iterdir() if p.name.startswith(_TEMP_PREFIX)]
@@ -172,54 +161,6 @@ def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
 # -- writing ------------------------------------------------------------------------------
 
 
-def _publish(temporary: Path, path: Path) -> None:
-    """Move a fully written temporary file to its final name (atomic on POSIX and Windows)."""
-    os.replace(temporary, path)
-
-
-def _sync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk; not possible on
-    # every platform (Windows cannot open a directory), where it is skipped.
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
-def atomic_save(content, path: str | os.PathLike) -> None:
-    """``torch.save`` ``content`` to ``path`` so that ``path`` is never half written.
-
-    The data go to a temporary file beside ``path``, are flushed to disk, and the file is
-    then renamed to ``path``. If anything fails (or the process is interrupted) before the
-    rename, whatever ``path`` held before is still there.
-
-    Parameters
-    ----------
-    content
-        Object to save.
-    path
-        Destination file.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(content, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _sync_directory(path.parent)
-
-
 def data_fingerprint(adata) -> dict:
     """Number of cells and a digest of their names: the cells a split refers to."""
     names = "\0".join(map(str, adata.obs_names)).encode()
@@ -240,6 +181,10 @@ class CheckpointWriter:
     model_state
         ``model_state(history) -> dict``: the model as ``save`` stores it, with the given
         history.
+    write
+        ``write(path, content)``: writes a checkpoint's content (a dict) as the folder
+        ``path``, replacing nothing that exists (see
+        :func:`pyrovi.io.checkpoint_files.write_checkpoint`).
     history
         History before this run (``None`` for a first run); the writer appends each epoch.
     run
@@ -268,6 +213,7 @@ class CheckpointWriter:
         every: int,
         keep: int | None,
         model_state: Callable[[pd.DataFrame | None], dict],
+        write: Callable[[Path, dict], None],
         history: pd.DataFrame | None,
         run: dict,
         device: torch.device | str = "cpu",
@@ -282,14 +228,15 @@ class CheckpointWriter:
         self.every = int(every)
         self.keep = None if keep is None else int(keep)
         self.model_state = model_state
+        self.write = write
         self.previous = history
         self.rows: list[dict] = []
         self.run = dict(run)
         self.device = torch.device(device)
         self.written: list[Path] = []
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in _temporary_files(self.directory):
-            stale.unlink(missing_ok=True)
+        for stale in _temporary_folders(self.directory):
+            shutil.rmtree(stale, ignore_errors=True)
         start = self.run.get("first_epoch", 0) if start_epoch is None else start_epoch
         later = [p for p in list_checkpoints(self.directory) if epochs_done(p) > start]
         if later and not replace_later:
@@ -300,7 +247,7 @@ class CheckpointWriter:
             )
         for path in later:
             logger.info("Removing %s: the run continues from an earlier checkpoint.", path.name)
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
 
     def history(self) -> pd.DataFrame | None:
         """History up to the last epoch seen (as ``model.history`` will be)."""
@@ -317,8 +264,6 @@ class CheckpointWriter:
             return
         stopper = end.early_stopping
         content = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             **self.run,
             "model": self.model_state(self.history()),
             "epochs_done": done,
@@ -331,7 +276,7 @@ class CheckpointWriter:
             "checkpoint_every": self.every,
         }
         path = checkpoint_path(self.directory, done)
-        atomic_save(content, path)
+        self.write(path, content)
         logger.debug("Checkpoint after epoch %d: %s", end.epoch, path)
         self.written.append(path)
         self._prune(done)
@@ -341,19 +286,17 @@ class CheckpointWriter:
             return
         earlier = [p for p in list_checkpoints(self.directory) if epochs_done(p) <= done]
         for path in earlier[: -self.keep]:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = [
-    "FORMAT",
     "CheckpointWriter",
-    "atomic_save",
+    "LegacyCheckpointError",
     "checkpoint_path",
     "data_fingerprint",
     "epochs_done",
     "latest_checkpoint",
     "list_checkpoints",
-    "read_checkpoint",
     "remove_checkpoints",
     "rng_state",
     "set_rng_state",

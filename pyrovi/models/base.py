@@ -12,7 +12,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-import anndata
 import numpy as np
 import pandas as pd
 import pyro
@@ -38,6 +37,9 @@ from pyrovi.infer import (
 )
 from pyrovi.infer import checkpoint as checkpoints
 from pyrovi.infer.distributed import local_device, setup_data_parallel
+from pyrovi.io.bundle import to_json_value
+from pyrovi.io.checkpoint_files import read_checkpoint, write_checkpoint
+from pyrovi.io.model_files import SavedModel, save_model_folder
 from pyrovi.posterior import (
     differential_expression,
     latent_representation,
@@ -47,8 +49,6 @@ from pyrovi.posterior import (
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = "model.pt"
-_SAVED_ADATA = "adata.h5ad"
 _PLAN_FIELDS = set(TrainingPlan.__dataclass_fields__)
 #: Key of the marker that stands in a checkpoint for a constructor argument save cannot
 #: store (a callable likelihood, a prior module instance).
@@ -59,13 +59,21 @@ def _is_unsaved(value) -> bool:
     return isinstance(value, dict) and set(value) == {_UNSAVED}
 
 
+def _as_plain(value):
+    """``value`` as JSON stores it, or ``None`` when JSON cannot hold it."""
+    try:
+        return to_json_value(value)
+    except TypeError:
+        return None
+
+
 def saved_init_params(init_params: dict) -> dict:
-    """Constructor arguments as :meth:`BaseModel.save` stores them.
+    """Constructor arguments as :meth:`BaseModel.save` stores them (plain JSON values).
 
     Custom objects (callables such as a ``gene_likelihood`` function, modules such as a
-    prior instance) are replaced by a marker naming them: pickling them would fail for
-    lambdas and local functions, and would otherwise tie the checkpoint to code that may
-    move. Their learned parameters are in the state dict all the same.
+    prior instance, anything JSON cannot hold) are replaced by a marker naming them: a
+    model file holds data only, never code. Their learned parameters are in the weights
+    all the same.
 
     Parameters
     ----------
@@ -78,11 +86,12 @@ def saved_init_params(init_params: dict) -> dict:
     """
     saved = {}
     for name, value in init_params.items():
-        if callable(value):
+        plain = None if callable(value) else _as_plain(value)
+        if plain is None and value is not None:
             label = getattr(value, "__qualname__", None) or type(value).__name__
             saved[name] = {_UNSAVED: label}
         else:
-            saved[name] = value
+            saved[name] = plain
     return saved
 
 
@@ -276,7 +285,7 @@ class BaseModel(ABC):
             (chunks read and shuffled together, default 16); host memory holds about
             ``chunk_size * n_chunks_in_buffer`` rows of counts. No effect on data in memory.
         checkpoint_dir
-            Folder for training checkpoints (``checkpoint-<epochs done>.pt``; see
+            Folder for training checkpoints (``checkpoint-<epochs done>``, a folder; see
             :mod:`pyrovi.infer.checkpoint`). Each holds the weights, Adam's state, the random
             generators' states, the epoch and step counters, the history, the split and
             these options, and is written atomically. Refused if the folder holds
@@ -413,14 +422,14 @@ class BaseModel(ABC):
                "split_key": self._split[0], "data": fingerprint}
         return checkpoints.CheckpointWriter(
             directory, every, keep,
-            lambda history: self._saved_state(history, True, fingerprint),
+            lambda history: self._saved_state(history, True, fingerprint), write_checkpoint,
             self.history, run, self.device, start_epoch=start, replace_later=replace_later,
         )
 
     def _resume(self, path, max_epochs: int | None, device, progress_bar: bool,
                 checkpoint_dir, checkpoint_every: int | None, keep: int | None) -> BaseModel:
         """Restore the run checkpointed at ``path`` and train its remaining epochs."""
-        state = checkpoints.read_checkpoint(path)
+        state = read_checkpoint(path)
         if max_epochs is not None and max_epochs != state["max_epochs"]:
             raise ValueError(
                 f"The run in {os.fspath(state['path'])!r} was for max_epochs="
@@ -480,7 +489,7 @@ class BaseModel(ABC):
                 f"arguments ({theirs}); build the model with them, or use "
                 f"{type(self).__name__}.load_checkpoint."
             )
-        registry = {k: v for k, v in self.registry.to_dict().items() if k != "n_cells"}
+        registry = to_json_value(self.registry.to_dict())
         differ = sorted(k for k in set(registry) | set(saved["registry"]) if k != "n_cells"
                         and registry.get(k) != saved["registry"].get(k))
         if differ:
@@ -523,7 +532,7 @@ class BaseModel(ABC):
         >>> model = pyrovi.SCVI.load_checkpoint("run/checkpoints", adata)  # doctest: +SKIP
         >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
-        state = checkpoints.read_checkpoint(path)
+        state = read_checkpoint(path)
         model = cls._from_saved(state["model"], adata, device, custom_params,
                                 os.fspath(state["path"]))
         model._split = (state["split_key"], (model.train_indices, model.validation_indices))
@@ -861,7 +870,13 @@ class BaseModel(ABC):
     def save(
         self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False
     ) -> None:
-        """Save parameters, settings, registry and history to ``dir_path``.
+        """Save parameters, settings, registry and history to the folder ``dir_path``.
+
+        The folder holds data only, which loading never executes (see
+        :mod:`pyrovi.io.model_files`): the weights as safetensors, everything else as JSON,
+        and a manifest with each file's SHA-256, so that a damaged or altered file is
+        refused when loaded. It is written beside ``dir_path`` and swapped in, so an
+        interrupted save leaves the previous model intact and no file of it survives.
 
         Constructor arguments that are custom objects (a callable ``gene_likelihood``, a
         prior module instance) are not stored, only named; :meth:`load` asks for them
@@ -870,21 +885,20 @@ class BaseModel(ABC):
         Parameters
         ----------
         dir_path
-            Directory to create.
+            Folder to create.
         overwrite
-            Replace an existing directory's model files.
+            Replace the model saved in ``dir_path`` (a folder that holds anything else than
+            a pyrovi model is never replaced).
         save_anndata
             Also write the AnnData as ``adata.h5ad``.
+
+        Raises
+        ------
+        FileExistsError
+            ``dir_path`` exists and ``overwrite`` is false, or it is not a pyrovi folder.
         """
-        if os.path.exists(dir_path) and not overwrite:
-            raise FileExistsError(
-                f"{os.fspath(dir_path)!r} exists; pass overwrite=True to replace its contents."
-            )
-        os.makedirs(dir_path, exist_ok=True)
-        torch.save(self._saved_state(self.history, self.is_trained),
-                   os.path.join(dir_path, _CHECKPOINT))
-        if save_anndata:
-            self.adata.write_h5ad(os.path.join(dir_path, _SAVED_ADATA))
+        save_model_folder(dir_path, self._saved_state(self.history, self.is_trained),
+                          self.adata if save_anndata else None, overwrite=overwrite)
 
     def _saved_state(self, history: pd.DataFrame | None, is_trained: bool,
                      fingerprint: dict | None = None) -> dict:
@@ -965,22 +979,14 @@ class BaseModel(ABC):
             If ``adata``'s genes do not match the model's (the message says how many differ),
             or a custom object the model was built with is not passed again.
         """
-        path = os.path.join(dir_path, _CHECKPOINT)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No saved pyrovi model at {os.fspath(dir_path)!r}.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if checkpoint["model_class"] != cls.__name__:
+        saved = SavedModel(dir_path)
+        if saved.model_class != cls.__name__:
             raise TypeError(
-                f"{os.fspath(dir_path)!r} holds a {checkpoint['model_class']}; load it with "
-                f"pyrovi.{checkpoint['model_class']}.load."
+                f"{os.fspath(dir_path)!r} holds a {saved.model_class}; load it with "
+                f"pyrovi.{saved.model_class}.load."
             )
         # Checked before reading a saved AnnData, so that a missing object is reported first.
-        restored_init_params(checkpoint["init_params"], custom_params, cls.__name__)
+        restored_init_params(saved.state["init_params"], custom_params, cls.__name__)
         if adata is None:
-            saved = os.path.join(dir_path, _SAVED_ADATA)
-            if not os.path.exists(saved):
-                raise ValueError(
-                    "No AnnData was saved with this model (save_anndata=False); pass adata=."
-                )
-            adata = anndata.read_h5ad(saved)
-        return cls._from_saved(checkpoint, adata, device, custom_params, os.fspath(dir_path))
+            adata = saved.read_adata()
+        return cls._from_saved(saved.state, adata, device, custom_params, os.fspath(dir_path))

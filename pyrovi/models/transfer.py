@@ -61,7 +61,8 @@ from pyrovi.data.registry import (
 )
 from pyrovi.infer import resolve_device
 from pyrovi.infer.training import NO_WEIGHT_DECAY
-from pyrovi.models.base import _CHECKPOINT, restored_init_params
+from pyrovi.io.model_files import SavedModel
+from pyrovi.models.base import restored_init_params
 from pyrovi.models.protein_background import missing_protein_mask
 from pyrovi.nn.fc import FCLayers
 
@@ -101,10 +102,7 @@ def read_reference(cls: type, reference_model) -> Reference:
         If a directory holds no saved model.
     """
     if isinstance(reference_model, str | os.PathLike):
-        path = os.path.join(reference_model, _CHECKPOINT)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No saved pyrovi model at {os.fspath(reference_model)!r}.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = SavedModel(reference_model).state
         try:
             init_params = restored_init_params(checkpoint["init_params"], {},
                                                checkpoint["model_class"])
