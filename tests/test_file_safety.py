@@ -225,3 +225,63 @@ def test_a_pyrovi_0_1_0_model_loads_through_the_restricted_reader():
                                np.load(LEGACY / "latent.npy", allow_pickle=False),
                                rtol=1e-5, atol=1e-6)
     assert model.is_trained and len(model.history) == 5
+
+
+# -- saving replaces atomically ----------------------------------------------------------------
+
+
+def small_model(seed: int):
+    adata = simulate_counts(n_cells=100, n_genes=20, n_clusters=2, seed=seed)
+    pyrovi.SCVI.setup_anndata(adata)
+    return pyrovi.SCVI(adata, n_hidden=8, n_latent=2).train(max_epochs=1, progress_bar=False,
+                                                             seed=seed)
+
+
+def test_overwriting_a_saved_model_leaves_no_file_of_the_first(tmp_path):
+    first, second = small_model(0), small_model(1)
+    first.save(tmp_path / "model", save_anndata=True)
+    second.save(tmp_path / "model", overwrite=True)
+    assert not (tmp_path / "model" / SAVED_ADATA).exists()
+    with pytest.raises(ValueError, match="No AnnData was saved"):
+        pyrovi.SCVI.load(tmp_path / "model")
+    loaded = pyrovi.SCVI.load(tmp_path / "model", second.adata.copy())
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  second.get_latent_representation())
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+
+
+def test_an_interrupted_save_leaves_the_previous_model_intact(tmp_path, monkeypatch):
+    from pyrovi.io import bundle
+
+    first, second = small_model(0), small_model(1)
+    first.save(tmp_path / "model")
+    write_bytes = bundle._write_bytes
+
+    def dies_at_the_weights(path, data):
+        if path.name == "weights.safetensors":
+            raise KeyboardInterrupt
+        write_bytes(path, data)
+
+    monkeypatch.setattr(bundle, "_write_bytes", dies_at_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(tmp_path / "model", overwrite=True)
+    monkeypatch.undo()
+    loaded = pyrovi.SCVI.load(tmp_path / "model", first.adata.copy())
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  first.get_latent_representation())
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_overwrite_never_replaces_a_folder_holding_other_files(tmp_path):
+    model = small_model(0)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        model.save(tmp_path / "results", overwrite=True)
+    assert (tmp_path / "results" / "notes.txt").read_text() == "mine"
+    model.save(tmp_path / "model")
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        model.save(tmp_path / "model", overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "model")
