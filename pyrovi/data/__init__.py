@@ -1,5 +1,6 @@
 """AnnData registration, validation, device tensors and on-disk data (``pyrovi.data``)."""
 
+from pyrovi.data.annbatch_loader import AnnbatchCellData
 from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk, read_ondisk
 from pyrovi.data.proteins import check_protein_names, protein_matrix, read_protein_field
 from pyrovi.data.registry import (
@@ -25,6 +26,7 @@ from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
 __all__ = [
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
+    "AnnbatchCellData",
     "ArrayTensors",
     "CellData",
     "CellTensors",
