@@ -14,6 +14,7 @@ from pyrovi import (
     datasets,
     distributions,
     infer,
+    io,
     models,
     nn,
     posterior,
@@ -21,6 +22,7 @@ from pyrovi import (
     priors,
     zoo,
 )
+from pyrovi._settings import settings
 from pyrovi._version import __version__
 from pyrovi.models import LDVAE, SCVI, TOTALVI
 from pyrovi.zoo import load_pretrained
@@ -37,10 +39,12 @@ __all__ = [
     "datasets",
     "distributions",
     "infer",
+    "io",
     "models",
     "nn",
     "posterior",
     "pp",
     "priors",
+    "settings",
     "zoo",
 ]

@@ -100,7 +100,12 @@ def _read_data(source: Path | str):
     import anndata
 
     if isinstance(source, Path):
-        return anndata.read_h5ad(source)
+        try:
+            return anndata.read_h5ad(source)
+        except (OSError, KeyError, ValueError) as error:
+            # h5py's and anndata's own messages name neither the file nor the problem.
+            raise CommandError(f"{os.fspath(source)!r} is not a readable h5ad file "
+                               f"({str(error).splitlines()[0][:160]}).") from None
     logger.info("Loading the packaged dataset %s.", source)
     return load_dataset(source)
 

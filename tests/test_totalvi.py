@@ -91,7 +91,7 @@ def test_outputs_of_both_modalities(simulated, tmp_path):
     idx = np.arange(20)
     rna, protein = model.get_normalized_expression(indices=idx, n_samples=2)
     assert rna.shape == (20, 100) and protein.shape == (20, 12)
-    np.testing.assert_allclose(rna.sum(1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(rna.sum(axis=1), 1.0, rtol=1e-4)
     assert list(protein.index) == list(adata.obs_names[:20])
     _, with_background = model.get_normalized_expression(
         indices=idx, include_protein_background=True, protein_list=["P3", "P0"])
@@ -103,7 +103,7 @@ def test_outputs_of_both_modalities(simulated, tmp_path):
                                               include_protein_background=True)
     assert (full.to_numpy() >= plain.to_numpy()).all()
     _, scaled = model.get_normalized_expression(indices=idx, scale_protein=True)
-    np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(scaled.sum(axis=1), 1.0, rtol=1e-4)
     _, sampled = model.get_normalized_expression(indices=idx, sample_protein_mixing=True,
                                                  transform_batch="b1")
     assert np.isfinite(sampled.to_numpy()).all()

@@ -62,6 +62,32 @@ def _modality(mdata, name: str, role: str):
     return mdata.mod[name]
 
 
+def _aligned_column(source, key: str, cells: pd.Index, modality: str, role: str) -> np.ndarray:
+    """``source.obs[key]`` for ``cells``, matched by cell name (never by position).
+
+    Raises
+    ------
+    SetupError
+        When ``source`` lacks some of ``cells``, or names a cell twice.
+    """
+    column = source.obs[key]
+    if source.obs_names.equals(cells):
+        return column.to_numpy()
+    if not source.obs_names.is_unique:
+        raise SetupError(f"mdata.mod[{modality!r}] names some cells twice (obs_names not "
+                         f"unique), so {role}={key!r} cannot be matched to the RNA cells by "
+                         "name; call .obs_names_make_unique() on it.")
+    missing = cells.difference(source.obs_names)
+    if len(missing):
+        raise SetupError(
+            f"{role}={key!r} is read from mdata.mod[{modality!r}], which lacks {len(missing)} "
+            f"of the RNA modality's cells (e.g. {list(missing[:3])}); its values are matched to "
+            "the cells by name. Give that modality every RNA cell, or read the column from "
+            "another modality with modalities=.")
+    # Another order of the same cells: match by name.
+    return column.reindex(cells).to_numpy()
+
+
 def flatten_mudata(
     mdata,
     modalities: dict[str, str],
@@ -119,7 +145,7 @@ def flatten_mudata(
                     f"(columns: {list(source.obs.columns)}); name the modality that has it "
                     f"with modalities={{{role!r}: <modality>}}."
                 )
-            obs[key] = source.obs[key].to_numpy()
+            obs[key] = _aligned_column(source, key, rna.obs_names, modalities[role], role)
     proteins = counts_matrix(protein, protein_layer)
     proteins = proteins.toarray() if sp.issparse(proteins) else np.asarray(proteins)
     flat = anndata.AnnData(X=counts_matrix(rna, rna_layer), obs=obs, var=rna.var.copy())

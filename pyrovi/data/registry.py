@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from pyrovi.data.validation import CountDataError, validate_counts
+from pyrovi.data.validation import (
+    CountDataError,
+    DataChangedError,
+    check_count_fingerprint,
+    count_fingerprint,
+    validate_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,9 @@ class AnnDataRegistry:
         in a batch (all zero there).
     mudata_modalities
         For data set up from a MuData: which modality (and layer) each field came from.
+    count_fingerprint
+        :func:`~pyrovi.data.validation.count_fingerprint` of the registered counts, checked
+        before training and outputs (empty for registries saved by pyrovi 0.1.0).
     """
 
     model_name: str
@@ -84,6 +93,7 @@ class AnnDataRegistry:
     protein_names: list[str] = field(default_factory=list)
     protein_batch_mask: list[list[bool]] = field(default_factory=list)
     mudata_modalities: dict[str, str] = field(default_factory=dict)
+    count_fingerprint: dict = field(default_factory=dict)
 
     @property
     def n_batch(self) -> int:
@@ -160,6 +170,8 @@ class AnnDataRegistry:
             kwargs["mudata_modalities"] = {
                 str(k): str(v) for k, v in dict(kwargs["mudata_modalities"]).items()
             }
+        if "count_fingerprint" in kwargs:
+            kwargs["count_fingerprint"] = _plain_fingerprint(kwargs["count_fingerprint"])
         for key in ("allow_non_integer", "drop_empty_cells"):
             if key in kwargs:
                 kwargs[key] = bool(kwargs[key])
@@ -167,6 +179,19 @@ class AnnDataRegistry:
             if key in kwargs:
                 kwargs[key] = int(kwargs[key])
         return cls(**kwargs)
+
+
+def _plain_fingerprint(record) -> dict:
+    """A fingerprint read back from h5ad (numpy values) or JSON as plain Python values."""
+    record = dict(record)
+    plain = {}
+    if "shape" in record:
+        plain["shape"] = [int(n) for n in np.asarray(record["shape"]).ravel()]
+    if "rows_sha256" in record:
+        plain["rows_sha256"] = str(record["rows_sha256"])
+    if "stored_values" in record:
+        plain["stored_values"] = int(record["stored_values"])
+    return plain
 
 
 def counts_matrix(adata, layer: str | None):
@@ -193,6 +218,49 @@ def counts_matrix(adata, layer: str | None):
 def counts_source(layer: str | None) -> str:
     """How error messages name the registered count matrix."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+#: Largest covariate or size factor accepted: float32 holds up to 3.4e38, and a network's
+#: products and the log-library arithmetic overflow long before that.
+_LARGEST_INPUT = 1e15
+
+
+def column_names(keys, role: str) -> list[str]:
+    """``keys`` as a list of obs column names; one name alone is taken as a list of one.
+
+    Raises
+    ------
+    SetupError
+        ``keys`` is neither a column name nor a list of them.
+    """
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        return [keys]
+    try:
+        names = list(keys)
+    except TypeError:
+        raise SetupError(f"{role} must be a list of obs column names, got {keys!r}.") from None
+    if not all(isinstance(name, str) for name in names):
+        raise SetupError(f"{role} must be a list of obs column names (strings), got {names!r}.")
+    return names
+
+
+def check_names(adata) -> None:
+    """Cell and gene names must be strings (anndata's outputs and files need them).
+
+    Raises
+    ------
+    SetupError
+        For integer (or other non-string) ``obs_names`` or ``var_names``, with the fix.
+    """
+    for axis in ("obs_names", "var_names"):
+        names = getattr(adata, axis)
+        if len(names) and pd.api.types.infer_dtype(names, skipna=False) != "string":
+            raise SetupError(
+                f"adata.{axis} are not strings (dtype {names.dtype}, e.g. {str(names[0])!r}); "
+                "anndata needs string names for its outputs and files. Convert them first: "
+                f"adata.{axis} = adata.{axis}.astype(str).")
 
 
 def _require_obs_key(adata, key: str, role: str) -> pd.Series:
@@ -269,6 +337,12 @@ def continuous_values(adata, keys: Sequence[str], role: str) -> np.ndarray:
         values = column.to_numpy(dtype=np.float64)
         if not np.isfinite(values).all():
             raise SetupError(f"adata.obs[{key!r}] has NaN or infinite values; fix them first.")
+        largest = float(np.abs(values).max()) if values.size else 0.0
+        if largest > _LARGEST_INPUT:
+            raise SetupError(
+                f"adata.obs[{key!r}] holds values up to {largest:.3g}, beyond what the model's "
+                f"float32 arithmetic can use (|value| <= {_LARGEST_INPUT:.0e}): rescale or "
+                "log-transform it first.")
         columns.append(values)
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((adata.n_obs, 0),
                                                                              np.float32)
@@ -327,9 +401,15 @@ def setup_anndata(
     AnnDataRegistry
         The registry that was stored.
     """
-    categorical_covariate_keys = list(categorical_covariate_keys or [])
-    continuous_covariate_keys = list(continuous_covariate_keys or [])
+    categorical_covariate_keys = column_names(categorical_covariate_keys,
+                                              "categorical_covariate_keys")
+    continuous_covariate_keys = column_names(continuous_covariate_keys,
+                                             "continuous_covariate_keys")
+    check_names(adata)
     matrix = counts_matrix(adata, layer)
+    if adata.n_vars == 0:
+        raise SetupError(f"{counts_source(layer)} has no genes (0 columns); set up an AnnData "
+                         "with the genes to model.")
     totals = validate_counts(
         matrix,
         source=counts_source(layer),
@@ -365,6 +445,7 @@ def setup_anndata(
         drop_empty_cells=drop_empty_cells,
         n_cells=adata.n_obs,
         n_vars=adata.n_vars,
+        count_fingerprint=count_fingerprint(matrix),
     )
     continuous_values(adata, continuous_covariate_keys, "continuous_covariate_keys")
     if size_factor_key is not None:
@@ -427,11 +508,24 @@ def check_var_names(reference_var_names: Sequence[str], adata, what: str = "the 
     )
 
 
-def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str]):
+def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str],
+                      store: bool = True):
     """Register ``adata`` with a trained model's registry (same genes and categories).
 
-    Used for query data and for ``load``: the fields and category mappings are the
-    reference's, the counts are validated, and the registry is stored in ``adata.uns``.
+    Used for query data, outputs on other data and ``load``: the fields and category
+    mappings are the reference's and the counts are validated.
+
+    Parameters
+    ----------
+    reference
+        The trained model's registry.
+    adata
+        The new data.
+    var_names
+        The model's genes.
+    store
+        Store the registry in ``adata.uns`` (as ``setup_anndata`` would); otherwise the
+        AnnData is left exactly as it was (its own set-up, if any, stays).
 
     Returns
     -------
@@ -460,18 +554,35 @@ def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str
         from pyrovi.data.proteins import check_protein_names  # proteins imports this module
 
         check_protein_names(reference, adata)
-    registry = AnnDataRegistry.from_dict({**reference.to_dict(), "n_cells": adata.n_obs})
-    adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
+    registry = AnnDataRegistry.from_dict({**reference.to_dict(), "n_cells": adata.n_obs,
+                                          "count_fingerprint": count_fingerprint(matrix)})
+    if store:
+        adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
     return registry
+
+
+def check_registered_data(registry: AnnDataRegistry, adata) -> None:
+    """Raise :class:`DataChangedError` if ``adata``'s counts changed since they were registered.
+
+    Reads a few dozen rows (see :func:`~pyrovi.data.validation.count_fingerprint`), so it is
+    cheap before every training run and output.
+    """
+    if not registry.count_fingerprint:  # registered by pyrovi 0.1.0
+        return
+    check_count_fingerprint(counts_matrix(adata, registry.layer), registry.count_fingerprint,
+                            counts_source(registry.layer),
+                            f"{registry.model_name}.setup_anndata(adata, ...)")
 
 
 __all__ = [
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
     "CountDataError",
+    "DataChangedError",
     "SetupError",
     "categories_of",
     "category_codes",
+    "check_registered_data",
     "check_var_names",
     "continuous_values",
     "counts_matrix",

@@ -7,6 +7,8 @@ pass over bounded blocks of rows, never loaded whole.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -18,8 +20,16 @@ _DENSE_CHUNK_ROWS = 8192
 _SPARSE_CHUNK_VALUES = 2**24
 
 
+#: Rows of the count matrix whose values the fingerprint hashes (evenly spaced).
+FINGERPRINT_ROWS = 64
+
+
 class CountDataError(ValueError):
     """Raised when a matrix handed to a count model is not a valid count matrix."""
+
+
+class DataChangedError(CountDataError):
+    """Raised when the registered data changed after ``setup_anndata``."""
 
 
 def _value_blocks(matrix):
@@ -199,3 +209,119 @@ def validate_counts(
             "drop_empty_cells=True to leave them out of training."
         )
     return totals
+
+
+# -- fingerprint of the registered data ------------------------------------------------------
+
+
+def fingerprint_rows(n_obs: int, n_rows: int = FINGERPRINT_ROWS) -> np.ndarray:
+    """Positions of the rows a fingerprint hashes: evenly spaced, first and last included."""
+    if n_obs == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n_obs - 1, min(n_obs, n_rows)).round().astype(np.int64))
+
+
+def _read_rows(matrix, rows: np.ndarray):
+    if is_on_disk(matrix):
+        return OnDiskMatrix.of(matrix).read_rows(rows, read_through=0)
+    return matrix[rows]
+
+
+def _stored_values(matrix) -> int | None:
+    """Stored non-zeros of a sparse matrix (in memory or on disk), read without a pass."""
+    if sp.issparse(matrix):
+        return int(matrix.nnz)
+    if is_on_disk(matrix):
+        on_disk = OnDiskMatrix.of(matrix)
+        return int(on_disk.indptr[-1]) if on_disk.is_sparse else None
+    return None
+
+
+def count_fingerprint(matrix) -> dict:
+    """A cheap fingerprint of a count matrix, to tell later whether it changed.
+
+    Its shape, the number of stored values (sparse matrices) and a SHA-256 of the values and
+    column positions of :data:`FINGERPRINT_ROWS` evenly spaced rows. Computing or checking
+    it reads those rows only, so it costs the same for a thousand cells or a million.
+    Normalizing, log-transforming, negating or subsetting the matrix changes it; an edit of
+    a single value may not (training and outputs check the values they read).
+
+    Parameters
+    ----------
+    matrix
+        Dense array, scipy sparse matrix or matrix on disk (cells × features).
+
+    Returns
+    -------
+    dict
+        ``{"shape": [n_obs, n_vars], "rows_sha256": str}`` and, for sparse matrices,
+        ``"stored_values"``.
+    """
+    rows = fingerprint_rows(matrix.shape[0])
+    sample = sp.csr_matrix(_read_rows(matrix, rows), dtype=np.float64)
+    sample.sum_duplicates()
+    sample.eliminate_zeros()
+    digest = hashlib.sha256()
+    for array in (sample.indptr.astype(np.int64), sample.indices.astype(np.int64), sample.data):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    fingerprint = {"shape": [int(n) for n in matrix.shape], "rows_sha256": digest.hexdigest()}
+    stored = _stored_values(matrix)
+    if stored is not None:  # h5ad cannot store None inside uns
+        fingerprint["stored_values"] = stored
+    return fingerprint
+
+
+def check_count_fingerprint(matrix, expected: dict, source: str, setup_call: str) -> None:
+    """Raise :class:`DataChangedError` if ``matrix`` no longer matches its fingerprint.
+
+    Parameters
+    ----------
+    matrix
+        The registered count matrix as it is now.
+    expected
+        :func:`count_fingerprint` at setup.
+    source
+        How messages name the matrix (``"adata.X"``).
+    setup_call
+        What the user should run again (``"SCVI.setup_anndata(adata, ...)"``).
+    """
+    shape = [int(n) for n in matrix.shape]
+    redo = (f"If the change was intended, run {setup_call} again (and build the model anew); "
+            "otherwise restore the raw counts.")
+    if shape != list(expected["shape"]):
+        raise DataChangedError(
+            f"{source} is {shape[0]} cells x {shape[1]} genes, but was {expected['shape'][0]} x "
+            f"{expected['shape'][1]} at setup: cells or genes were subset or added after "
+            f"setup_anndata. {redo}")
+    now = count_fingerprint(matrix)
+    if now.get("stored_values") != expected.get("stored_values") or \
+            now["rows_sha256"] != expected["rows_sha256"]:
+        raise DataChangedError(
+            f"{source} changed after setup_anndata (its values differ from those registered: "
+            f"normalized, log-transformed or edited in place?). pyrovi models the raw counts "
+            f"registered at setup. {redo}")
+
+
+def informative_cells(totals: np.ndarray, obs_names=None) -> np.ndarray:
+    """Which cells have counts (total > 0), from totals read when training or an output
+    reads the counts, refusing values that set-up would not have let through.
+
+    The fingerprint cannot see an edit of a single value; the totals, which training and
+    every output compute anyway, can: a NaN, infinite or negative count anywhere makes its
+    cell's total so.
+
+    Raises
+    ------
+    DataChangedError
+        A cell's total is NaN, infinite or negative.
+    """
+    bad = ~np.isfinite(totals) | (totals < 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        name = obs_names[first] if obs_names is not None else first
+        what = "NaN or infinite" if not np.isfinite(totals[first]) else "negative"
+        raise DataChangedError(
+            f"{int(bad.sum())} cell(s) hold {what} counts (first: {name!r}), which set-up "
+            "would have refused: the counts changed after setup_anndata. Restore the raw "
+            "counts, or fix them and run setup_anndata again.")
+    return totals > 0

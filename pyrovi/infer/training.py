@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -118,6 +119,19 @@ class EarlyStopping:
         return self.wait >= self.patience
 
 
+def _check_count(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        what = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+
+
+def has_batch_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` normalises with batch statistics (it then needs two cells a batch)."""
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    return any(isinstance(m, kinds) for m in module.modules())
+
+
 @dataclass
 class TrainingPlan:
     """Options of :func:`train_svi` (defaults as in scvi-tools).
@@ -155,6 +169,21 @@ class TrainingPlan:
     check_val_every_n_epoch: int = 1
     validation_batch_size: int = 1024
     progress_bar: bool = True
+
+    def __post_init__(self):
+        for name, least in (("max_epochs", 1), ("batch_size", 1), ("check_val_every_n_epoch", 1),
+                            ("validation_batch_size", 1), ("early_stopping_patience", 1)):
+            _check_count(name, getattr(self, name), least)
+        for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name), 0)
+        # lr=0 is allowed: a pass that updates batch-norm statistics and priors only.
+        for name, positive in (("lr", False), ("eps", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+                    value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} "
+                                 f"number, got {value!r}.")
 
 
 @dataclass
@@ -314,6 +343,13 @@ def train_svi(
     # unbiased estimate of the full-data ELBO; their gradients are averaged).
     n_train = len(train_indices)
     has_validation = len(validation_indices) > 0
+    if has_batch_norm(module) and (plan.batch_size < 2 or n_train < 2):
+        what = (f"batch_size={plan.batch_size}" if plan.batch_size < 2
+                else f"{n_train} training cell")
+        raise ValueError(
+            f"{what}: the model normalises with batch statistics (batch norm), which needs at "
+            "least two cells per minibatch. Use batch_size >= 2 and more training cells, or "
+            "build the model with use_batch_norm='none'.")
     if parallel is not None:
         parallel.broadcast_module(module)
         train_indices = parallel.shard(train_indices)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -39,8 +39,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pyrovi._version import __version__
-
-logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 #: Version of the bundle format; pyrovi 0.1.0's single pickled ``model.pt`` was version 1.
@@ -226,26 +224,13 @@ def write_bundle(
     partial = target.with_name(f".{target.name}{_PARTIAL}{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:
-        entries = {}
-        for name, content in files.items():
-            if name == MANIFEST or Path(name).name != name:
-                raise ValueError(f"{name!r} is not a valid bundle file name.")
-            file = partial / name
-            if callable(content):
-                content(file)
-                digest = _file_sha256(file)
-            else:
-                _write_bytes(file, content)
-                digest = _sha256(content)
-            entries[name] = {"bytes": file.stat().st_size, "sha256": digest}
-        manifest = {"format": _FORMAT, "kind": kind, "format_version": FORMAT_VERSION,
-                    "pyrovi_version": __version__, "files": entries}
-        _write_bytes(partial / MANIFEST, json_bytes(manifest))
-        _fsync_directory(partial)
-        if target.exists():
-            _swap_in(partial, target)
-        else:
-            os.replace(partial, target)
+        _write_files(partial, target, kind, files)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        full = " (the disk is full)" if error.errno == errno.ENOSPC else ""
+        raise OSError(error.errno, f"Could not write {os.fspath(target)!r}: "
+                      f"{error.strerror or error}{full}. Nothing was replaced: what was there "
+                      "before is intact.") from error
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -253,15 +238,28 @@ def write_bundle(
     return target
 
 
-def remove_partial_writes(directory: str | os.PathLike) -> None:
-    """Delete what interrupted writes left in ``directory`` (their temporary folders)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return
-    for leftover in directory.iterdir():
-        if leftover.name.startswith(".") and (_PARTIAL in leftover.name
-                                              or _REPLACED in leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+def _write_files(partial: Path, target: Path, kind: str, files: Mapping) -> None:
+    """Write ``files`` and the manifest into ``partial``, then put it at ``target``."""
+    entries = {}
+    for name, content in files.items():
+        if name == MANIFEST or Path(name).name != name:
+            raise ValueError(f"{name!r} is not a valid bundle file name.")
+        file = partial / name
+        if callable(content):
+            content(file)
+            digest = _file_sha256(file)
+        else:
+            _write_bytes(file, content)
+            digest = _sha256(content)
+        entries[name] = {"bytes": file.stat().st_size, "sha256": digest}
+    manifest = {"format": _FORMAT, "kind": kind, "format_version": FORMAT_VERSION,
+                "pyrovi_version": __version__, "files": entries}
+    _write_bytes(partial / MANIFEST, json_bytes(manifest))
+    _fsync_directory(partial)
+    if target.exists():
+        _swap_in(partial, target)
+    else:
+        os.replace(partial, target)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -378,7 +376,6 @@ __all__ = [
     "Bundle",
     "ModelFileError",
     "json_bytes",
-    "remove_partial_writes",
     "tensor_file",
     "to_json_value",
     "write_bundle",

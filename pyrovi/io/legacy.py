@@ -65,7 +65,7 @@ def read_legacy_model(path: str | os.PathLike) -> dict:
             "so it was not read: the file may be unsafe (it could run code when loaded). "
             "Only load model files from sources you trust; a pyrovi 0.1.0 model holds "
             "nothing else." + (f" ({found[0][:200]})" if found else "")) from None
-    except (RuntimeError, EOFError, OSError) as error:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
         raise ModelFileError(f"{os.fspath(path)!r} is not a readable torch file "
                              f"({str(error).splitlines()[0][:200]}).") from None
     if not isinstance(content, dict) or "model_class" not in content or "state_dict" not in \

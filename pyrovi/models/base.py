@@ -7,25 +7,30 @@ add their model-specific outputs; everything else is here, once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pyro
 import torch
 
+from pyrovi._settings import check_seed
 from pyrovi._version import __version__
 from pyrovi.data import (
+    REGISTRY_UNS_KEY,
     AnnDataRegistry,
     CellTensors,
     build_cell_tensors,
     get_registry,
     register_new_data,
 )
-from pyrovi.data.registry import counts_matrix
+from pyrovi.data.indices import cell_positions
+from pyrovi.data.registry import check_registered_data, counts_matrix
 from pyrovi.data.streaming import LOADER_OPTIONS
 from pyrovi.infer import (
     TrainingPlan,
@@ -138,6 +143,31 @@ def restored_init_params(saved: dict, given: dict, model_name: str) -> dict:
     return {**saved, **given}
 
 
+def _weights_digest(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's parameters and buffers (tells whether they changed)."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _registry_in_uns(adata, registry: AnnDataRegistry):
+    """``adata.uns`` holds ``registry`` while a model is built on it (the constructor reads it
+    there); whatever ``adata.uns`` held before is back afterwards."""
+    missing = object()
+    before = adata.uns.get(REGISTRY_UNS_KEY, missing)
+    adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
+    try:
+        yield
+    finally:
+        if before is missing:
+            del adata.uns[REGISTRY_UNS_KEY]
+        else:
+            adata.uns[REGISTRY_UNS_KEY] = before
+
+
 class BaseModel(ABC):
     """Shared user API of pyrovi models (not used directly).
 
@@ -157,11 +187,18 @@ class BaseModel(ABC):
         Device holding the module.
     """
 
+    #: Whether ``train(early_stopping=None)`` stops early (when there are validation cells).
+    _early_stopping_default = False
+
     def __init__(self, adata, **init_params):
         self.adata = adata
         self.registry = get_registry(adata, type(self).__name__)
+        check_registered_data(self.registry, adata)
         self.init_params = dict(init_params)
         self.module = self._build_module(adata, self.registry, **init_params)
+        # Until training or loading changes them, the weights are the constructor's draw,
+        # which train(seed=...) may redraw from its seed (see _seed_initial_weights).
+        self._initial_weights = _weights_digest(self.module)
         self.history: pd.DataFrame | None = None
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
@@ -194,20 +231,38 @@ class BaseModel(ABC):
         return data
 
     def _validate_anndata(self, adata=None):
-        """Return ``adata`` (default: the model's) registered with the model's registry."""
+        """Return ``adata`` (default: the model's) registered with the model's registry.
+
+        Raises
+        ------
+        DataChangedError
+            The model's own data changed after setup (normalized, subset...).
+        RuntimeError
+            The weights are not finite (training diverged).
+        """
+        self._check_weights()
         if adata is None or adata is self.adata:
+            check_registered_data(self.registry, self.adata)
             return self.adata, self.registry
         adata = self._as_anndata(adata)
-        return adata, register_new_data(self.registry, adata, self.var_names)
+        # The registry stays with the model: the AnnData keeps its own set-up, if any.
+        return adata, register_new_data(self.registry, adata, self.var_names, store=False)
+
+    def _check_weights(self) -> None:
+        """Refuse outputs from weights that hold NaN or infinity (a diverged training run)."""
+        broken = [name for name, tensor in self.module.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if broken:
+            raise RuntimeError(
+                f"The model's weights hold NaN or infinite values ({', '.join(broken[:3])}"
+                f"{' ...' if len(broken) > 3 else ''}): training diverged, and every output "
+                "would be NaN. Build the model again and train with a lower learning rate "
+                "(lr=), or load a checkpoint from before the divergence.")
 
     def _cell_tensors(self, adata=None, indices=None) -> tuple[CellTensors, np.ndarray, object]:
         """The requested cells on the model's device, their indices, and the AnnData used."""
         adata, registry = self._validate_anndata(adata)
-        if indices is None:
-            indices = np.arange(adata.n_obs)
-        indices = np.asarray(indices)
-        if indices.dtype == bool:
-            indices = np.flatnonzero(indices)
+        indices = cell_positions(indices, adata.n_obs)
         return build_cell_tensors(adata, registry, self.device, indices), indices, adata
 
     # -- training -----------------------------------------------------------------------
@@ -219,7 +274,7 @@ class BaseModel(ABC):
         lr: float = 1e-3,
         train_size: float = 0.9,
         validation_size: float | None = None,
-        early_stopping: bool = False,
+        early_stopping: bool | None = None,
         n_epochs_kl_warmup: int | None = 400,
         n_steps_kl_warmup: int | None = None,
         device: str | torch.device = "auto",
@@ -259,14 +314,18 @@ class BaseModel(ABC):
         early_stopping
             Stop when ``elbo_validation`` stops improving (patience 45 epochs; change with
             ``early_stopping_patience=``, ``early_stopping_monitor=``,
-            ``early_stopping_min_delta=``).
+            ``early_stopping_min_delta=``). ``None``: the model's default (off for SCVI and
+            LDVAE; for TOTALVI on, when there are validation cells to monitor).
         n_epochs_kl_warmup, n_steps_kl_warmup
             Linear KL warm-up from 0 to 1 over this many epochs (or steps, which win).
         device
             ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         seed
-            Seed for the split, minibatch order and Monte Carlo draws; with the same seed a
-            CPU run is reproducible.
+            Seed of everything random in the run: the split, the minibatch order, the Monte
+            Carlo draws and, for a model not trained or changed since it was built, its
+            initial weights (drawn again from the seed). The same call with the same seed
+            gives the same run in any fresh process on the CPU (on a GPU, up to its
+            non-deterministic kernels). See also ``pyrovi.settings.seed``.
         progress_bar
             Show a tqdm progress bar.
         loss
@@ -283,7 +342,10 @@ class BaseModel(ABC):
             AnnData, see :func:`pyrovi.data.read_ondisk`): ``chunk_size`` (rows of the file
             per contiguous read and unit of shuffling, default 256) and ``n_chunks_in_buffer``
             (chunks read and shuffled together, default 16); host memory holds about
-            ``chunk_size * n_chunks_in_buffer`` rows of counts. No effect on data in memory.
+            ``chunk_size * n_chunks_in_buffer`` rows of counts; ``loader``: ``"pyrovi"``
+            (default, h5ad or zarr) or ``"annbatch"`` (zarr stores only, ``pip install
+            annbatch``: reads stores written by ``AnnData.write_zarr`` faster, for 30-100 MB
+            more memory; see ``benchmarks/RESULTS.md``). No effect on data in memory.
         checkpoint_dir
             Folder for training checkpoints (``checkpoint-<epochs done>``, a folder; see
             :mod:`pyrovi.infer.checkpoint`). Each holds the weights, Adam's state, the random
@@ -352,9 +414,12 @@ class BaseModel(ABC):
             self.device = local_device(self.device)
         parallel = setup_data_parallel(strategy, self.device)
         if seed is not None:
+            seed = check_seed(seed)
+            self._seed_initial_weights(seed)
             # Each rank draws its own noise and minibatches; the split below uses `seed` alone.
             pyro.set_rng_seed(seed + (parallel.rank if parallel is not None else 0))
         self.module.to(self.device)
+        check_registered_data(self.registry, self.adata)
         data = build_cell_tensors(self.adata, self.registry, self.device,
                                   loader_kwargs=loader_kwargs)
         if train_indices is not None:
@@ -367,6 +432,11 @@ class BaseModel(ABC):
             self._split = ((train_size, validation_size),
                            split_indices(candidates, train_size, validation_size, rng))
         self.train_indices, self.validation_indices = self._split[1]
+        if early_stopping is None:
+            early_stopping = self._early_stopping_default and len(self.validation_indices) > 0
+            if self._early_stopping_default and not early_stopping:
+                logger.info("No validation cells (train_size=%s): training without early "
+                            "stopping, which monitors them.", train_size)
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         plan = TrainingPlan(
@@ -401,6 +471,22 @@ class BaseModel(ABC):
             writer = self._checkpoint_writer(checkpoint_dir, checkpoint_every or 1,
                                              keep_checkpoints, start, max_epochs, start)
         return self._run_svi(data, plan, start, None, writer, parallel)
+
+    def _seed_initial_weights(self, seed: int) -> None:
+        """Redraw the initial weights from ``seed`` if they are still the constructor's.
+
+        So that a seed covers everything random in a run: ``SCVI(adata).train(seed=0)`` in
+        two fresh processes starts from the same weights. A model that was trained, loaded,
+        built for reference mapping or changed by hand keeps its weights.
+        """
+        if self.history is not None or _weights_digest(self.module) != self._initial_weights:
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self._build_module(self.adata, self.registry, **self.init_params)
+        # Into the same module object: references to model.module stay valid.
+        self.module.load_state_dict(fresh.state_dict())
+        self._initial_weights = _weights_digest(self.module)
 
     def _run_svi(self, data: CellTensors, plan: TrainingPlan, start: int,
                  resume_state: dict | None, writer, parallel=None) -> BaseModel:
@@ -445,6 +531,7 @@ class BaseModel(ABC):
             return self
         self.device = resolve_device(device)
         self.module.to(self.device)
+        check_registered_data(self.registry, self.adata)
         # The interrupted run's on-disk chunking: it decides the minibatches of its epochs.
         data = build_cell_tensors(self.adata, self.registry, self.device,
                                   loader_kwargs=self.train_params.get("loader_kwargs"))
@@ -490,7 +577,9 @@ class BaseModel(ABC):
                 f"{type(self).__name__}.load_checkpoint."
             )
         registry = to_json_value(self.registry.to_dict())
-        differ = sorted(k for k in set(registry) | set(saved["registry"]) if k != "n_cells"
+        # The cells are compared below, with a message of their own.
+        differ = sorted(k for k in set(registry) | set(saved["registry"])
+                        if k not in ("n_cells", "count_fingerprint")
                         and registry.get(k) != saved["registry"].get(k))
         if differ:
             raise ValueError(f"{where!r} is a checkpoint of a model set up differently "
@@ -947,8 +1036,9 @@ class BaseModel(ABC):
         init_params = restored_init_params(saved["init_params"], custom_params, cls.__name__)
         registry = AnnDataRegistry.from_dict(saved["registry"])
         adata = cls._as_anndata(adata)
-        register_new_data(registry, adata, saved["var_names"])
-        model = cls(adata, **init_params)
+        registry = register_new_data(registry, adata, saved["var_names"], store=False)
+        with _registry_in_uns(adata, registry):
+            model = cls(adata, **init_params)
         model._set_saved_state(saved)
         model.device = resolve_device(device)
         model.module.to(model.device).eval()

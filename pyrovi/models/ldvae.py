@@ -117,6 +117,7 @@ class LDVAE(SCVI):
         """
         if rotation not in (None, "varimax"):
             raise ValueError(f"rotation must be None or 'varimax', got {rotation!r}.")
+        self._check_weights()
         weights = self.module.decoder.loadings().cpu().numpy()
         matrix = None
         if rotation == "varimax":

@@ -31,6 +31,7 @@ from pyrovi.nn import (
     ExpressionDecoder,
     latent_transform,
 )
+from pyrovi.nn.fc import check_layer_size
 from pyrovi.priors import build_prior
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
@@ -94,6 +95,11 @@ def _checked_custom_likelihood(fn, distribution, mu) -> dist.Distribution:
             "mu.shape[-1:])."
         )
     return distribution
+
+
+#: Range of the mean counts: above 0, so log-densities are finite at any count up to ~1e8,
+#: and below float32's overflow.
+MEAN_RANGE = (1e-20, 1e15)
 
 
 class SCVIModule(nn.Module):
@@ -180,6 +186,9 @@ class SCVIModule(nn.Module):
         n_layers_decoder: int | None = None,
     ):
         super().__init__()
+        for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent),
+                            ("n_layers", n_layers)):
+            check_layer_size(name, value)
         for name, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
             if value not in NORM_OPTIONS:
                 raise ValueError(f"{name} must be one of {NORM_OPTIONS}, got {value!r}.")
@@ -305,7 +314,10 @@ class SCVIModule(nn.Module):
             theta = self.dispersion(batch_index, labels, out.theta_logits)
         return {
             "rho": out.rho,
-            "mu": torch.exp(log_library) * out.rho,
+            # Kept inside a range where every log-density term and its gradient stay finite: a
+            # mean that underflows to 0 at a cell's counts gives log p = -inf (a latent
+            # library drawn far below the data, a softmax entry that underflows).
+            "mu": (torch.exp(log_library) * out.rho).clamp(*MEAN_RANGE),
             "theta": theta,
             "zi_logits": out.zi_logits,
         }

@@ -85,6 +85,8 @@ class TOTALVI(SCVI):
     >>> foreground = model.get_protein_foreground_probability()  # doctest: +SKIP
     """
 
+    _early_stopping_default = True
+
     def __init__(
         self,
         adata,
@@ -321,7 +323,7 @@ class TOTALVI(SCVI):
         max_epochs: int | None = None,
         lr: float = 4e-3,
         batch_size: int = 256,
-        early_stopping: bool = True,
+        early_stopping: bool | None = None,
         n_epochs_kl_warmup: int | None = None,
         n_steps_kl_warmup: int | None = None,
         **kwargs,
@@ -329,8 +331,11 @@ class TOTALVI(SCVI):
         """Fit by SVI with TotalVI's defaults (those of scvi-tools).
 
         Learning rate 4e-3, minibatches of 256 cells, early stopping on the validation
-        ELBO, and a KL warm-up over ``0.75 · n_cells`` steps unless a warm-up is given.
-        Every other option is :meth:`pyrovi.SCVI.train`'s.
+        ELBO (``early_stopping=None``: when there are validation cells; without them, e.g.
+        ``train_size=1.0``, training runs without it and says so in the log, while an
+        explicit ``early_stopping=True`` is an error), and a KL warm-up over
+        ``0.75 · n_cells`` steps unless a warm-up is given. Every other option is
+        :meth:`pyrovi.SCVI.train`'s.
 
         Returns
         -------

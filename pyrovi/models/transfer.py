@@ -577,7 +577,7 @@ def load_query_data(
     holders = [query_adata] if flat is query_adata else [query_adata, flat]
     saved = [h.uns.get(REGISTRY_UNS_KEY, _MISSING) for h in holders]
     try:
-        register_new_data(registry, flat, reference.var_names)
+        registry = register_new_data(registry, flat, reference.var_names)
         if flat is not query_adata:
             query_adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
         model = cls(query_adata, **reference.init_params)

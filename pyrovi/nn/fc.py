@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+
+def check_layer_size(name: str, value) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class CovariateLinear(nn.Module):
@@ -130,6 +137,11 @@ class FCLayers(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
+        for name, value in (("n_in", n_in), ("n_out", n_out), ("n_layers", n_layers),
+                            ("n_hidden", n_hidden)):
+            check_layer_size(name, value)
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
         widths = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
         self.layers = nn.ModuleList()
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pyrovi.data.indices import cell_positions
 from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
 
@@ -248,7 +249,7 @@ def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, co
                      log_likelihood) -> xr.DataTree:
     """:func:`to_arviz` for a bare model/guide module and its per-cell arrays."""
     data = as_cell_data(data)
-    cells = np.arange(data.n_obs) if indices is None else np.asarray(indices)
+    cells = cell_positions(indices, data.n_obs)
     draws = posterior_samples(module, data, var_names, n_samples, indices=cells,
                               batch_size=batch_size)
     whole = data.minibatch(torch.as_tensor(cells, device=data.device))

@@ -31,6 +31,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from pyrovi.data.indices import cell_positions
 from pyrovi.data.tensors import CellTensors, as_cell_data
 from pyrovi.infer.objective import cell_terms, inference_mode
 from pyrovi.nn.encoder import identity
@@ -134,7 +135,8 @@ def iterate_posterior(
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     chunks: dict = {}
     data = as_cell_data(data)
-    n_cells = data.n_obs if indices is None else len(indices)
+    indices = cell_positions(indices, data.n_obs)
+    n_cells = len(indices)
     with inference_mode(module):
         for _, batch in tqdm(data.iter_minibatches(indices, batch_size),
                              total=math.ceil(n_cells / batch_size),

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 from scipy import stats
 from tqdm.auto import tqdm
 
+from pyrovi.data.indices import cell_positions
 from pyrovi.data.multimodal import is_mudata
 from pyrovi.data.proteins import protein_matrix
 from pyrovi.data.registry import counts_matrix
@@ -474,25 +475,6 @@ def _safe_correlation(kind: str, x: np.ndarray, y: np.ndarray) -> float:
         return float((stats.pearsonr if kind == "pearson" else stats.spearmanr)(x, y)[0])
 
 
-def _as_positions(indices, n_obs: int) -> np.ndarray:
-    """Cell positions from ``None``, a boolean mask or integer positions."""
-    if indices is None:
-        return np.arange(n_obs)
-    positions = np.asarray(indices)
-    if positions.dtype == bool:
-        if positions.size != n_obs:
-            raise ValueError(f"A boolean indices mask needs {n_obs} entries, got {positions.size}.")
-        return np.flatnonzero(positions)
-    if positions.size == 0:
-        raise ValueError("indices selects no cell.")
-    if not np.issubdtype(positions.dtype, np.integer):
-        raise TypeError("indices must be integer positions or a boolean mask.")
-    positions = positions.astype(np.int64).ravel()
-    if positions.min() < -n_obs or positions.max() >= n_obs:
-        raise IndexError(f"indices out of range for {n_obs} cells.")
-    return np.where(positions < 0, positions + n_obs, positions)
-
-
 def _as_matrix(values, sparse: bool, shape: tuple[int, int], what: str) -> Matrix:
     """A stored sample: CSR float32 without explicit zeros, or a dense float32 array."""
     if values.shape != shape:
@@ -600,7 +582,7 @@ class PosteriorPredictiveCheck:
             raise ValueError("MuData input is supported for TOTALVI models set up with "
                              "setup_mudata; pass the AnnData of the modality otherwise.")
         modality = self._check_modality(modality, models)
-        positions = _as_positions(indices, flat.n_obs)
+        positions = cell_positions(indices, flat.n_obs)
         raw, var_names, columns = self._observed(flat, models, modality, count_layer_key)
         raw = raw[positions]
         sparse = sp.issparse(raw)
@@ -1227,7 +1209,7 @@ class PosteriorPredictiveCheck:
         if indices is not None:
             if metric != METRIC_CV_CELL:
                 raise ValueError("indices selects cells: only for metric='cv_cell'.")
-            frame = frame.iloc[_as_positions(indices, len(frame))]
+            frame = frame.iloc[cell_positions(indices, len(frame))]
         raw = frame[RAW].to_numpy(dtype=np.float64)
         table = pd.DataFrame.from_dict(
             {name: _stats_pair(frame[name].to_numpy(dtype=np.float64), raw)
