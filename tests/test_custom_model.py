@@ -18,7 +18,7 @@ from scipy.linalg import subspace_angles
 from torch import nn
 
 from pyrovi.distributions import Poisson
-from pyrovi.infer import cell_plate, fit, kl_scale
+from pyrovi.infer import cell_plate, fit
 from pyrovi.nn import GaussianEncoder
 from pyrovi.posterior import (
     PosteriorPredictiveCheck,
@@ -42,16 +42,15 @@ class PoissonLogNormalPCA(nn.Module):
         self.loadings = nn.Linear(n_factors, n_genes)  # W z + b
         self.encoder = GaussianEncoder(n_genes, n_factors, n_hidden=64, dropout_rate=0.0)
 
-    def model(self, x, log_library, n_obs=None, kl_weight=1.0):
-        with cell_plate(x.shape[0], n_obs):
-            with kl_scale(kl_weight):
-                z = pyro.sample("z", self.prior(x.shape[0]))
+    def model(self, x, log_library):
+        with cell_plate(x.shape[0]):
+            z = pyro.sample("z", self.prior(x.shape[0]))
             rate = torch.exp(log_library.unsqueeze(-1) + self.loadings(z))
             pyro.sample("x", Poisson(mu=rate).to_event(1), obs=x)
 
-    def guide(self, x, log_library, n_obs=None, kl_weight=1.0):
+    def guide(self, x, log_library):
         loc, scale = self.encoder(torch.log1p(x))
-        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
+        with cell_plate(x.shape[0]):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 

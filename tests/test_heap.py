@@ -110,16 +110,16 @@ def test_training_runs_inside_retained_heap(monkeypatch):
             super().__init__()
             self.net = FCLayers(3, 2, n_layers=1, n_hidden=4, dropout_rate=0.0)
 
-        def model(self, x, n_obs=None, kl_weight=1.0):
+        def model(self, x):
             import pyro
             import pyro.distributions as dist
 
             from pyrovi.infer import cell_plate
 
-            with cell_plate(x.shape[0], n_obs):
+            with cell_plate(x.shape[0]):
                 pyro.sample("x", dist.Normal(self.net(x), 1.0).to_event(1), obs=x[:, :2])
 
-        def guide(self, x, n_obs=None, kl_weight=1.0):
+        def guide(self, x):
             pass
 
     fit(Tiny(), {"x": np.random.default_rng(0).normal(size=(20, 3))}, max_epochs=1,

@@ -11,7 +11,9 @@ from pyro.infer import Trace_ELBO
 
 from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.infer import (
+    MinibatchScaling,
     cell_plate,
+    fit,
     default_max_epochs,
     kl_scale,
     kl_weight_schedule,
@@ -104,6 +106,77 @@ def test_kl_weight_scales_only_the_latent_sites(kl_weight):
     loss, terms = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x, kl_weight=kl_weight)
     expected = terms.reconstruction.sum() + kl_weight * terms.kl.sum()
     torch.testing.assert_close(loss, expected)
+
+
+def plain_model(x):
+    """The toy model as pyrovi's models are written: no inference arguments."""
+    with cell_plate(x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([x.shape[0], 2]).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+def plain_guide(x):
+    with cell_plate(x.shape[0]):
+        pyro.sample("z", dist.Normal(x.expand(-1, 2) * 0.3, 0.5).to_event(1))
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.25, 1.0])
+def test_minibatch_scaling_handler_equals_explicit_arguments(kl_weight):
+    x = torch.randn(40, 1)
+    pyro.set_rng_seed(3)
+    explicit, _ = loss_and_terms(Trace_ELBO(), toy_model, toy_guide, x=x, n_obs=300,
+                                 kl_weight=kl_weight)
+    pyro.set_rng_seed(3)
+    with MinibatchScaling(n_obs=300, kl_weight=kl_weight) as scaling:
+        handled, terms = loss_and_terms(Trace_ELBO(), plain_model, plain_guide, x=x)
+    assert scaling.saw_cell_plate
+    assert handled.item() == explicit.item()
+    expected = 300 / 40 * (terms.reconstruction.sum() + kl_weight * terms.kl.sum())
+    torch.testing.assert_close(handled, expected)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, legacy: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([0.3]))
+        self.legacy = legacy
+
+    def model(self, x, n_obs=None, kl_weight=1.0):
+        # A legacy model receives neither argument from the loop any more.
+        assert n_obs is None and kl_weight == 1.0
+        (toy_model if self.legacy else plain_model)(x)
+
+    def guide(self, x, n_obs=None, kl_weight=1.0):
+        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
+            pyro.sample("z", dist.Normal(x.expand(-1, 2) * self.weight, 0.5).to_event(1))
+
+
+def test_models_written_for_explicit_arguments_train_as_before():
+    x = np.random.default_rng(0).normal(size=(90, 1)).astype(np.float32)
+    histories = [
+        fit(_Toy(legacy), {"x": x}, max_epochs=3, batch_size=32, seed=0, progress_bar=False,
+            n_epochs_kl_warmup=2).history
+        for legacy in (True, False)
+    ]
+    assert histories[0]["kl_weight"].tolist() == [0.0, 0.5, 1.0]
+    assert histories[0].equals(histories[1])
+
+
+def test_training_a_model_without_cell_plate_is_refused():
+    class NoPlate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = torch.nn.Parameter(torch.zeros(1))
+
+        def model(self, x):
+            pyro.sample("x", dist.Normal(self.loc, 1.0).expand(x.shape).to_event(2), obs=x)
+
+        def guide(self, x):
+            pass
+
+    with pytest.raises(ValueError, match="no sample site inside a plate named 'cells'"):
+        fit(NoPlate(), {"x": np.zeros((20, 1), np.float32)}, max_epochs=1, batch_size=10,
+            progress_bar=False)
 
 
 def test_kl_warmup_schedule_and_default_epochs():

@@ -9,7 +9,7 @@ from pyrovi.infer.objective import (
     loss_and_terms,
     make_elbo,
 )
-from pyrovi.infer.scaling import cell_plate, kl_scale
+from pyrovi.infer.scaling import CELL_PLATE, MinibatchScaling, cell_plate, kl_scale
 from pyrovi.infer.training import (
     EarlyStopping,
     EpochEnd,
@@ -29,6 +29,8 @@ __all__ = [
     "EpochEnd",
     "FitResult",
     "TrainingPlan",
+    "CELL_PLATE",
+    "MinibatchScaling",
     "cell_plate",
     "cell_terms",
     "default_max_epochs",

@@ -1,9 +1,9 @@
 """Stochastic variational inference for every pyrovi model.
 
 One loop serves all models: minibatches are index gathers on the device, the ELBO is
-Pyro's (``Trace_ELBO`` or ``TraceMeanField_ELBO``) scaled to the training set by the
-model's :func:`~pyrovi.infer.scaling.cell_plate`, KL warm-up is passed to the model as
-``kl_weight``, and after every epoch the validation ELBO is evaluated for the history and
+Pyro's (``Trace_ELBO`` or ``TraceMeanField_ELBO``), scaled to the training set and weighted
+for KL warm-up by the :class:`~pyrovi.infer.scaling.MinibatchScaling` handler around the
+model's cell plate, and after every epoch the validation ELBO is evaluated for the history and
 early stopping.
 
 The optimiser is a single ``torch.optim.Adam`` over the module's parameters, driven by the
@@ -38,6 +38,7 @@ from pyrovi.infer.objective import (
     loss_and_terms,
     make_elbo,
 )
+from pyrovi.infer.scaling import CELL_PLATE, MinibatchScaling
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +297,8 @@ def train_svi(
     Parameters
     ----------
     module
-        ``nn.Module`` with ``model(x=..., ..., n_obs=, kl_weight=)`` and ``guide(...)``, already
-        on ``data.device``.
+        ``nn.Module`` with ``model(**minibatch)`` and ``guide(**minibatch)``, its per-cell
+        sites inside :func:`~pyrovi.infer.cell_plate`, already on ``data.device``.
     data
         Per-cell data on the training device: registered data (:class:`CellTensors`, or on disk) or
         your own arrays (:class:`~pyrovi.data.ArrayTensors` or a mapping of them).
@@ -382,6 +383,8 @@ def train_svi(
         unit="epoch",
         disable=not plan.progress_bar or (parallel is not None and not parallel.is_main),
     )
+    # The dataset size and the warm-up weight reach the model's sites through this handler.
+    scaling = MinibatchScaling(n_train, plate_name=getattr(module, "cell_plate", CELL_PLATE))
     module.train()
     # retained_heap: the step's large temporaries reuse the previous step's pages.
     with pyro.validation_enabled(False), retained_heap():
@@ -394,9 +397,16 @@ def train_svi(
             for index, batch in data.training_batches(train_index, plan.batch_size):
                 kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
                                                plan.n_steps_kl_warmup)
-                loss, terms = loss_and_terms(
-                    elbo, module.model, module.guide, **batch, n_obs=n_train, kl_weight=kl_weight
-                )
+                scaling.kl_weight = kl_weight
+                with scaling:
+                    loss, terms = loss_and_terms(elbo, module.model, module.guide, **batch)
+                if not scaling.saw_cell_plate:
+                    raise ValueError(
+                        "The model has no sample site inside a plate named "
+                        f"{scaling.plate_name!r}, so its minibatch ELBO cannot be scaled to "
+                        "the training set. Put the per-cell sites inside "
+                        "pyrovi.infer.cell_plate(n_cells) (or set the module's cell_plate "
+                        "attribute to the name of your plate).")
                 # Per-cell loss for the gradient, as scvi-tools optimises, so that Adam's eps
                 # has the same meaning; the ELBO itself is scaled to the training set.
                 optimizer.zero_grad(set_to_none=True)
@@ -484,10 +494,11 @@ def fit(
 ) -> FitResult:
     """Train any model/guide pair by SVI: the loop of pyrovi's models, for your own.
 
-    The module needs ``model(**minibatch, n_obs=, kl_weight=)`` and ``guide(...)`` with the
-    same arguments: ``n_obs`` is the number of training cells, for
-    :func:`~pyrovi.infer.cell_plate` to scale the minibatch ELBO, and ``kl_weight`` the
-    warm-up weight, for :func:`~pyrovi.infer.kl_scale` around the latent sites.
+    The module needs ``model(**minibatch)`` and ``guide(**minibatch)``, the keyword
+    arguments being the names of ``data``, with the per-cell sites inside
+    :func:`~pyrovi.infer.cell_plate`. The loop scales the minibatch ELBO to the training
+    cells and applies the KL warm-up weight to the latent sites through
+    :class:`~pyrovi.infer.MinibatchScaling`; neither reaches the model's signature.
 
     Parameters
     ----------

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pyrovi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
-from pyrovi.infer.scaling import cell_plate, kl_scale
+from pyrovi.infer.scaling import cell_plate
 from pyrovi.nn import (
     AmortizedEncoder,
     AmortizedPosterior,
@@ -329,41 +329,33 @@ class SCVIModule(nn.Module):
         # A custom likelihood may already be a distribution over the genes of a cell.
         return counts if counts.event_shape else counts.to_event(1)
 
-    def sample_cell_latents(self, x, batch_index, size_factor=None):
-        """Model side: ``z ~ p(z)`` and ``log l`` (from its prior, or observed) of each cell.
-
-        Called inside the cell plate; returns ``(z, log_library)``.
-        """
-        z = pyro.sample("z", self.prior(x.shape[0]))
-        if self.use_observed_lib_size:
-            return z, self.observed_log_library(x, size_factor)
-        return z, pyro.sample("library", self.library_prior(batch_index))
-
-    def sample_posterior_latents(self, q: AmortizedPosterior) -> torch.Tensor:
-        """Guide side: ``z`` (and ``log l`` when latent) from the amortized posterior ``q``.
-
-        Called inside the cell plate; returns ``z``.
-        """
-        z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
-        if q.library_loc is not None:
-            pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
-        return z
-
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None):
         """Generative process p(x, z, l) for a minibatch of ``x.shape[0]`` cells."""
         n_cells = x.shape[0]
-        with cell_plate(n_cells, n_obs):
-            with kl_scale(kl_weight):
-                z, log_library = self.sample_cell_latents(x, batch_index, size_factor)
+        with cell_plate(n_cells):
+            # z_n ~ p(z): the cell's state (standard normal, or the chosen prior)
+            z = pyro.sample("z", self.prior(n_cells))
+            if self.use_observed_lib_size:
+                # l_n = log of the cell's total count (or given size factor), observed
+                log_library = self.observed_log_library(x, size_factor)
+            else:
+                # log l_n ~ N(mu_b, sigma_b^2): library size prior of the cell's batch
+                log_library = pyro.sample("library", self.library_prior(batch_index))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
+            # x_ng ~ ZINB / NB / Poisson(l_n rho_ng(z_n, s_n), theta_g, pi_ng)
             pyro.sample("x", self.likelihood(params), obs=x)
 
     def guide(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None):
         """Amortized posterior q(z, l | x) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs)
-        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
-            self.sample_posterior_latents(q)
+        with cell_plate(x.shape[0]):
+            # q(z_n | x_n, s_n) = N(mu(x_n, s_n), sigma^2(x_n, s_n))
+            pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            if q.library_loc is not None:
+                # q(log l_n | x_n, s_n): only when the library size is latent
+                pyro.sample("library",
+                            dist.Normal(q.library_loc, q.library_scale).to_event(1))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pyrovi.distributions import NegativeBinomialMixture
-from pyrovi.infer.scaling import cell_plate, kl_scale
+from pyrovi.infer.scaling import cell_plate
 from pyrovi.models.scvi_module import SCVIModule
 from pyrovi.nn import Dispersion, GaussianEncoder, ProteinDecoder
 
@@ -221,24 +221,40 @@ class TOTALVIModule(SCVIModule):
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None):
         """Generative process p(x, y, z, l, β) for a minibatch of ``x.shape[0]`` cells."""
         n_cells = x.shape[0]
-        with cell_plate(n_cells, n_obs):
-            with kl_scale(kl_weight):
-                z, log_library = self.sample_cell_latents(x, batch_index, size_factor)
-                log_background = pyro.sample(
-                    "protein_background", self.background_prior(batch_index).to_event(1))
+        with cell_plate(n_cells):
+            # z_n ~ p(z): the cell's state, shared by its RNA and its proteins
+            z = pyro.sample("z", self.prior(n_cells))
+            if self.use_observed_lib_size:
+                # l_n = log of the cell's total RNA count (or given size factor), observed
+                log_library = self.observed_log_library(x, size_factor)
+            else:
+                # log l_n ~ N(mu_b, sigma_b^2): RNA library size prior of the cell's batch
+                log_library = pyro.sample("library", self.library_prior(batch_index))
+            # log beta_nt ~ N(c_bt, d_bt^2): protein background rates, prior per batch
+            log_background = pyro.sample(
+                "protein_background", self.background_prior(batch_index).to_event(1))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
                                      log_background)
+            # x_ng ~ ZINB / NB(l_n rho_ng, theta_g): RNA counts, as in scVI
             pyro.sample("x", self.likelihood(params), obs=x)
+            # y_nt ~ sigmoid(pi_nt) NB(beta_nt, phi_t) + sigmoid(-pi_nt) NB(beta_nt alpha_nt,
+            # phi_t): background or foreground, proteins measured in the cell's batch only
             pyro.sample("y", self.protein_likelihood(params, batch_index), obs=y)
 
     def guide(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None):
         """Amortized posterior q(z, l | x, y) q(β | z) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
-        with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
-            z = self.sample_posterior_latents(q)
+        with cell_plate(x.shape[0]):
+            # q(z_n | x_n, y_n, s_n): one encoder reads RNA and proteins
+            z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            if q.library_loc is not None:
+                # q(log l_n | x_n, y_n, s_n): only when the library size is latent
+                pyro.sample("library",
+                            dist.Normal(q.library_loc, q.library_scale).to_event(1))
+            # q(log beta_n | z_n, s_n)
             loc, scale = self.background_posterior(z, batch_index, cat_covs, cont_covs)
             pyro.sample("protein_background", dist.Normal(loc, scale).to_event(1))
