@@ -221,7 +221,7 @@ class TOTALVIModule(SCVIModule):
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None, n_obs=None, kl_weight=1.0, x_nonzero=None):
         """Generative process p(x, y, z, l, β) for a minibatch of ``x.shape[0]`` cells."""
         n_cells = x.shape[0]
         with cell_plate(n_cells, n_obs):
@@ -231,11 +231,11 @@ class TOTALVIModule(SCVIModule):
                     "protein_background", self.background_prior(batch_index).to_event(1))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
                                      log_background)
-            pyro.sample("x", self.likelihood(params), obs=x)
+            pyro.sample("x", self.likelihood(params, x_nonzero), obs=x)
             pyro.sample("y", self.protein_likelihood(params, batch_index), obs=y)
 
     def guide(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, n_obs=None, kl_weight=1.0):
+              size_factor=None, n_obs=None, kl_weight=1.0, x_nonzero=None):
         """Amortized posterior q(z, l | x, y) q(β | z) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
         with cell_plate(x.shape[0], n_obs), kl_scale(kl_weight):
