@@ -10,15 +10,16 @@ import scipy.sparse as sp
 import torch
 
 import pyrovi
-from pyrovi._nonzero_positions import tagged_nonzero_positions
 from pyrovi.data import (
     AnnDataRegistry,
+    CellTensors,
     CountDataError,
     CountMatrix,
     SetupError,
     build_cell_tensors,
     get_registry,
 )
+from pyrovi.data.csr import gather_csr_rows
 
 
 def snapshot(adata):
@@ -207,16 +208,18 @@ def test_cpu_gather_records_nonzero_positions_and_matches_the_device_path():
     X = sp.csr_matrix((data, indices, indptr), shape=(4, 5))
     matrix = CountMatrix(X, "cpu")
     index = torch.tensor([2, 0, 1, 3, 2])
-    x = matrix.gather(index)
+    x, recorded = matrix.gather_with_nonzero(index)
     np.testing.assert_array_equal(x.numpy(), X[index.numpy()].toarray())
-    assert torch.equal(x, matrix._gather_on_device(index))
-    recorded = tagged_nonzero_positions(x)
+    on_device = gather_csr_rows(matrix.indptr, matrix.indices, matrix.data, 5, index)
+    assert on_device[1] is None and torch.equal(x, on_device[0])
+    assert recorded.describe(x)
     expected = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
     assert torch.equal(recorded.flat, expected)
     assert torch.equal(recorded.columns, expected % x.shape[1])
     assert torch.equal(recorded.values, x.reshape(-1)[expected])
-    x[0, 0] = 7.0  # modified in place: the record no longer describes it
-    assert tagged_nonzero_positions(x) is None
+    batch = CellTensors(matrix, *[torch.zeros(4, dtype=torch.int64)] * 2, None, None, None,
+                        np.ones(4, dtype=bool)).minibatch(index)
+    assert batch["x_nonzero"].describe(batch["x"])
 
 
 def test_training_and_embedding_never_densify_the_whole_matrix(small_adata, monkeypatch):
@@ -279,3 +282,28 @@ def test_array_tensors_gather_dense_sparse_and_none():
         as_cell_data({"x": np.zeros((3, 2)), "y": np.zeros(4)})
     with pytest.raises(TypeError, match="mapping"):
         as_cell_data(np.zeros((3, 2)))
+
+
+def test_nonzero_positions_reach_only_models_that_take_them():
+    # ArrayTensors with sparse counts gives x_nonzero; a model/guide pair without that
+    # argument gets the minibatch without it, one with it (or **kwargs) gets it.
+    from pyrovi.data import ArrayTensors, call_arguments
+
+    data = ArrayTensors({"x": sp.random(6, 4, density=0.5, format="csr", random_state=0),
+                         "g": np.arange(6)})
+    batch = data.minibatch(torch.tensor([1, 3]))
+    assert batch["x_nonzero"].describe(batch["x"])
+
+    def without(x, g):
+        pass
+
+    def with_it(x, g, x_nonzero=None):
+        pass
+
+    def anything(**kwargs):
+        pass
+
+    assert set(call_arguments(batch, without, with_it)) == {"x", "g"}
+    assert call_arguments(batch, with_it, anything) is batch
+    dense = ArrayTensors({"x": np.ones((6, 4)), "g": np.arange(6)})
+    assert set(dense.minibatch(torch.tensor([0]))) == {"x", "g"}

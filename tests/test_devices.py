@@ -105,10 +105,10 @@ def test_a_tensor_made_on_the_host_is_caught(counts, on_meta, monkeypatch):
     model = pyrovi.SCVI(counts, n_hidden=8, n_latent=2)
     likelihood = model.module.likelihood
 
-    def forgets_the_device(params):
+    def forgets_the_device(params, nonzero=None):
         params = dict(params)
         params["mu"] = params["mu"] + torch.zeros(params["mu"].shape[-1])
-        return likelihood(params)
+        return likelihood(params, nonzero)
 
     monkeypatch.setattr(model.module, "likelihood", forgets_the_device)
     with pytest.raises(RuntimeError, match="expected device meta"):

@@ -11,39 +11,75 @@ import scipy.sparse as sp
 import torch
 from scipy import special, stats
 
-from pyrovi._nonzero_positions import (
-    NonzeroPositions,
-    dense_csr_rows,
-    tagged_nonzero_positions,
-)
+from pyrovi.data.csr import gather_csr_rows
 from pyrovi.distributions import (
     NegativeBinomial,
+    NonzeroPositions,
     Poisson,
     ZeroInflatedNegativeBinomial,
-    _nb_log_density,
+    _fast_nb,
     log_nb_positive,
+    log_zinb_positive,
+    nb_log_prob,
+    zinb_log_prob,
 )
 from pyrovi.distributions._functional import THETA_SWITCH
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(params=["gather", "known", "dense"])
-def evaluation_path(request, monkeypatch):
-    """The ways of evaluating the NB terms that vanish at zero, all on the CPU: at the
-    non-zero counts found by search (the CPU default for dense input), at the non-zero
-    positions a loader recorded (the CPU default for minibatches densified from sparse
-    rows; here every count tensor is treated as recorded) and at every entry (the
-    accelerator default)."""
-    if request.param == "dense":
-        monkeypatch.setattr(_nb_log_density, "gathers_nonzero", lambda x: False)
-    if request.param == "known":
-        def recorded(x):
-            flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
-            return NonzeroPositions(flat, flat % x.shape[-1], x.reshape(-1)[flat])
+def recorded(x: torch.Tensor) -> NonzeroPositions:
+    """The non-zero positions of ``x``, as a loader records them for a sparse minibatch."""
+    flat = torch.nonzero(x.reshape(-1) > 0).squeeze(1)
+    return NonzeroPositions(flat, flat % x.shape[-1], x.reshape(-1)[flat], x)
 
-        monkeypatch.setattr(_nb_log_density, "tagged_nonzero_positions", recorded)
-    return request.param
+
+class EvaluationPath:
+    """The distributions and functions with ``method`` (and recorded positions) fixed."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.method = "gather" if name == "known" else name
+
+    def nonzero(self, x):
+        return recorded(x) if self.name == "known" and x.dim() else None
+
+    def log_nb_positive(self, x, mu, theta):
+        return log_nb_positive(x, mu, theta, method=self.method, nonzero=self.nonzero(x))
+
+    def log_zinb_positive(self, x, mu, theta, zi_logits):
+        return log_zinb_positive(x, mu, theta, zi_logits, method=self.method,
+                                 nonzero=self.nonzero(x))
+
+    def _scoring(self, cls):
+        path = self
+
+        class Scoring(cls):
+            def log_prob(self, value):
+                self.nonzero = path.nonzero(value)
+                return super().log_prob(value)
+
+        return Scoring
+
+    def NegativeBinomial(self, *args, **kwargs):  # noqa: N802 - stands for the class
+        return self._scoring(NegativeBinomial)(*args, method=self.method, **kwargs)
+
+    def ZeroInflatedNegativeBinomial(self, *args, **kwargs):  # noqa: N802
+        return self._scoring(ZeroInflatedNegativeBinomial)(*args, method=self.method, **kwargs)
+
+    def make_all(self, mu, theta, zi_logits, **kwargs):
+        return [self.NegativeBinomial(mu, theta, **kwargs),
+                self.ZeroInflatedNegativeBinomial(mu, theta, zi_logits, **kwargs),
+                Poisson(mu, **kwargs)]
+
+
+@pytest.fixture(params=["tables", "gather", "known", "dense"])
+def evaluation_path(request):
+    """Every way of evaluating the NB terms, chosen by ``method=``: per-gene count tables
+    and non-zero counts found by search (the CPU default), at the non-zero positions a
+    loader recorded (every count tensor is given its positions), at every entry (the
+    accelerator default)."""
+    return EvaluationPath(request.param)
 
 
 def random_grid(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,18 +147,16 @@ def t64(*arrays):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("evaluation_path")
-def test_nb_log_prob_matches_scipy_float64():
+def test_nb_log_prob_matches_scipy_float64(evaluation_path):
     x, mu, theta = random_grid(6000, seed=1)
-    ours = NegativeBinomial(*t64(mu, theta)).log_prob(torch.as_tensor(x)).numpy()
+    ours = evaluation_path.NegativeBinomial(*t64(mu, theta)).log_prob(torch.as_tensor(x)).numpy()
     # scipy takes p = theta / (theta + mu), whose rounding costs it relative accuracy
     # eps * theta / mu in log(1 - p): up to ~5e-6 relative at x > 0, and ~1e-10 absolute
     # at x = 0, in the corner theta = 1e6, mu = 1e-6 (checked against mpmath below).
     np.testing.assert_allclose(ours, nb_logpmf_scipy(x, mu, theta), rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.usefixtures("evaluation_path")
-def test_nb_log_prob_matches_mpmath_float64():
+def test_nb_log_prob_matches_mpmath_float64(evaluation_path):
     x, mu, theta = random_grid(300, seed=2)
     # The corners of the grid, and both sides of the branch switch.
     corners = [
@@ -135,7 +169,7 @@ def test_nb_log_prob_matches_mpmath_float64():
     mu = np.concatenate([mu, [c[1] for c in corners]])
     theta = np.concatenate([theta, [c[2] for c in corners]])
     reference = np.array([nb_logpmf_mpmath(*args) for args in zip(x, mu, theta, strict=True)])
-    ours = log_nb_positive(*t64(x, mu, theta)).numpy()
+    ours = evaluation_path.log_nb_positive(*t64(x, mu, theta)).numpy()
     np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-13)
 
 
@@ -166,12 +200,11 @@ def float32_tolerance(x: np.ndarray, mu: np.ndarray, log_p: np.ndarray) -> np.nd
     return 1e-4 * np.abs(log_p) + 4 * EPS32 * largest_terms
 
 
-@pytest.mark.usefixtures("evaluation_path")
-def test_nb_log_prob_float32_close_to_float64():
+def test_nb_log_prob_float32_close_to_float64(evaluation_path):
     x, mu, theta = random_grid(20000, seed=3)
-    lp64 = log_nb_positive(*t64(x, mu, theta)).numpy()
+    lp64 = evaluation_path.log_nb_positive(*t64(x, mu, theta)).numpy()
     args32 = [torch.as_tensor(a, dtype=torch.float32) for a in (x, mu, theta)]
-    lp32 = log_nb_positive(*args32).double().numpy()
+    lp32 = evaluation_path.log_nb_positive(*args32).double().numpy()
     finite = np.isfinite(lp64)
     np.testing.assert_array_equal(lp32[~finite], lp64[~finite])
     err = np.abs(lp32 - lp64)[finite]
@@ -181,16 +214,15 @@ def test_nb_log_prob_float32_close_to_float64():
     np.testing.assert_allclose(lp32[small], lp64[small], rtol=1e-5)
 
 
-@pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("theta", [1e4, 1e6])
-def test_nb_log_prob_float32_at_large_theta(theta):
+def test_nb_log_prob_float32_at_large_theta(theta, evaluation_path):
     x = np.array([0, 1, 3, 10, 100, 1000, 5000, 5000, 5000], dtype=np.float64)
     mu = np.array([1e-6, 1.0, 2.5, 12.0, 90.0, 1000.0, 4900.0, 5000.0, 1e4])
     theta = np.full_like(x, theta)
-    lp64 = log_nb_positive(*t64(x, mu, theta)).numpy()
+    lp64 = evaluation_path.log_nb_positive(*t64(x, mu, theta)).numpy()
     args32 = [torch.as_tensor(a, dtype=torch.float32) for a in (x, mu, theta)]
     tol = float32_tolerance(x, mu, lp64)
-    err = np.abs(log_nb_positive(*args32).double().numpy() - lp64)
+    err = np.abs(evaluation_path.log_nb_positive(*args32).double().numpy() - lp64)
     assert np.all(err <= tol)
     # The textbook formula cannot meet that: lgamma(1e6) ~ 1.3e7 has float32 spacing 1.
     naive_err = np.abs(nb_logpmf_naive(*args32).double().numpy() - lp64)
@@ -204,12 +236,11 @@ def test_nb_large_theta_approaches_poisson():
     np.testing.assert_allclose(nb.numpy(), Poisson(mu).log_prob(x).numpy(), rtol=1e-7)
 
 
-@pytest.mark.usefixtures("evaluation_path")
-def test_zinb_log_prob_matches_scipy_mixture():
+def test_zinb_log_prob_matches_scipy_mixture(evaluation_path):
     x, mu, theta = random_grid(6000, seed=4)
     rng = np.random.default_rng(5)
     zi_logits = rng.uniform(-10, 10, x.shape)
-    d = ZeroInflatedNegativeBinomial(*t64(mu, theta, zi_logits))
+    d = evaluation_path.ZeroInflatedNegativeBinomial(*t64(mu, theta, zi_logits))
     ours = d.log_prob(torch.as_tensor(x)).numpy()
     log_pi = -np.logaddexp(0.0, -zi_logits)
     log_keep = -np.logaddexp(0.0, zi_logits)
@@ -233,15 +264,14 @@ def test_poisson_log_prob_matches_scipy():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("theta", [1e-4, 1.0, THETA_SWITCH, 1e6])
-def test_mu_zero(dtype, theta):
+def test_mu_zero(dtype, theta, evaluation_path):
     x = torch.tensor([0.0, 1.0, 7.0, 5000.0], dtype=dtype)
     mu = torch.zeros(4, dtype=dtype, requires_grad=True)
     theta = torch.tensor(theta, dtype=dtype, requires_grad=True)
     zi_logits = torch.tensor(0.3, dtype=dtype, requires_grad=True)
-    for d in make_all(mu, theta, zi_logits):
+    for d in evaluation_path.make_all(mu, theta, zi_logits):
         lp = d.log_prob(x)
         assert lp[0].item() == 0.0
         assert torch.all(lp[1:] == -torch.inf)
@@ -274,13 +304,12 @@ def extreme_grid(dtype):
     return x, mu, theta, zi_logits
 
 
-@pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradients_finite_on_extreme_grid(dtype):
+def test_gradients_finite_on_extreme_grid(dtype, evaluation_path):
     x, mu, theta, zi_logits = extreme_grid(dtype)
     for make in (
-        lambda m, t, z: NegativeBinomial(m, t),
-        lambda m, t, z: ZeroInflatedNegativeBinomial(m, t, z),
+        lambda m, t, z: evaluation_path.NegativeBinomial(m, t),
+        lambda m, t, z: evaluation_path.ZeroInflatedNegativeBinomial(m, t, z),
         lambda m, t, z: Poisson(m),
     ):
         params = [p.clone().requires_grad_() for p in (mu, theta, zi_logits)]
@@ -291,14 +320,14 @@ def test_gradients_finite_on_extreme_grid(dtype):
             assert g is None or torch.isfinite(g).all()
 
 
-@pytest.mark.usefixtures("evaluation_path")
-def test_nb_gradients_match_analytic_float64():
+def test_nb_gradients_match_analytic_float64(evaluation_path):
     x, mu, theta, _ = extreme_grid(torch.float64)
     keep = mu > 0
     x, mu, theta = x[keep], mu[keep], theta[keep]
     mu_ = mu.clone().requires_grad_()
     theta_ = theta.clone().requires_grad_()
-    d_mu, d_theta = torch.autograd.grad(log_nb_positive(x, mu_, theta_).sum(), [mu_, theta_])
+    d_mu, d_theta = torch.autograd.grad(
+        evaluation_path.log_nb_positive(x, mu_, theta_).sum(), [mu_, theta_])
     xn, mn, tn = x.numpy(), mu.numpy(), theta.numpy()
     expected_mu = xn / mn - (tn + xn) / (tn + mn)
     # psi(x + theta) - psi(theta) cancels badly for large theta in float64 too; evaluate
@@ -323,12 +352,11 @@ def reference_zinb(x, mu, theta, zi_logits):
     return torch.where(x == 0, zero, log_keep + log_nb)
 
 
-@pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("density", [0.1, 0.6])  # both evaluation paths (sparse / dense)
 @pytest.mark.parametrize("zero_inflated", [False, True])
 @pytest.mark.parametrize("upstream", ["per_entry", "per_cell"])
 def test_hand_written_gradients_match_autograd_of_the_direct_formula(
-    density, zero_inflated, upstream
+    density, zero_inflated, upstream, evaluation_path
 ):
     # Cells x genes with a per-gene theta (broadcast, as in scVI), theta below the
     # Stirling switch so that the direct formula is accurate in float64. The upstream
@@ -355,18 +383,20 @@ def test_hand_written_gradients_match_autograd_of_the_direct_formula(
         return torch.autograd.grad(objective, leaves)
 
     if zero_inflated:
-        fused = grads(lambda *a: ZeroInflatedNegativeBinomial(*a[1:]).log_prob(a[0]))
+        fused = grads(
+            lambda *a: evaluation_path.ZeroInflatedNegativeBinomial(*a[1:]).log_prob(a[0]))
         direct = grads(reference_zinb)
     else:
-        fused = grads(lambda *a: NegativeBinomial(*a[1:]).log_prob(a[0]))
+        fused = grads(lambda *a: evaluation_path.NegativeBinomial(*a[1:]).log_prob(a[0]))
         direct = grads(lambda x_, m, t: reference_zinb(x_, m, t, torch.full_like(m, -50.0)))
     for a, b in zip(fused, direct, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.usefixtures("evaluation_path")
 @pytest.mark.parametrize("zero_inflated", [False, True])
-def test_hand_written_gradients_match_finite_differences_on_both_theta_branches(zero_inflated):
+def test_hand_written_gradients_match_finite_differences_on_both_theta_branches(
+    zero_inflated, evaluation_path
+):
     # Central differences of the value in float64 (relative steps, as theta spans 1e-2 to
     # 1e4), with theta on either side of the Stirling switch and counts up to 5000.
     x = torch.tensor([[0.0, 1.0, 3.0, 40.0, 5000.0, 0.0]] * 3, dtype=torch.float64)
@@ -575,7 +605,7 @@ def test_device_agnostic():
 
 
 def test_log_factorial_table_matches_lgamma_and_falls_back():
-    from pyrovi.distributions._nb_log_density import _log_factorial
+    _log_factorial = _fast_nb._log_factorial
 
     for values in ([0.0, 1.0, 7.0, 1000.0, 65535.0], [3.0, 70000.0], [2.5, 4.0]):
         x = torch.tensor(values, dtype=torch.float64)
@@ -590,10 +620,11 @@ def test_recorded_nonzero_positions_give_the_same_zinb_values_and_gradients():
     rng = np.random.default_rng(11)
     counts = sp.random(64, 300, density=0.3, format="csr", random_state=rng,
                        data_rvs=lambda n: rng.integers(1, 400, n)).astype(np.float32)
-    tagged = dense_csr_rows(counts)
-    assert tagged_nonzero_positions(tagged) is not None
+    tagged, positions = gather_csr_rows(counts.indptr, counts.indices, counts.data,
+                                        counts.shape[1], np.arange(counts.shape[0]))
+    assert positions.describe(tagged)
     plain = tagged.clone()
-    assert tagged_nonzero_positions(plain) is None
+    assert not positions.describe(plain)  # another tensor: its non-zeros are searched
     mu = rng.uniform(0.01, 50, plain.shape)
     theta = 10 ** rng.uniform(-2, 4, plain.shape[1])
     logits = rng.uniform(-5, 5, plain.shape)
@@ -601,7 +632,7 @@ def test_recorded_nonzero_positions_give_the_same_zinb_values_and_gradients():
     for x in (tagged, plain):
         params = [torch.tensor(p, dtype=torch.float32, requires_grad=True)
                   for p in (mu, theta, logits)]
-        value = ZeroInflatedNegativeBinomial(*params).log_prob(x)
+        value = ZeroInflatedNegativeBinomial(*params, nonzero=positions).log_prob(x)
         value.sum().backward()
         results.append([value.detach()] + [p.grad for p in params])
     for a, b in zip(*results, strict=True):
@@ -628,26 +659,25 @@ def count_table_grid(dtype):
 
 
 @pytest.mark.parametrize("zero_inflated", [False, True])
-def test_count_tables_match_the_direct_terms(zero_inflated, monkeypatch):
+def test_count_tables_match_the_direct_terms(zero_inflated):
     # Counts below _TABLE_COUNTS read lgamma/digamma differences from per-gene tables
     # summed in float64: the value matches mpmath and the value and gradients the direct
     # lgamma/digamma/Stirling evaluation, in float64 and (to float32 accuracy) in float32.
     x, mu, theta, logits = count_table_grid(torch.float64)
-    positions = _nb_log_density._ZeroTermPositions(x)
-    assert _nb_log_density._uses_count_tables(positions, theta)
+    positions = _fast_nb._ZeroTermPositions(x)
+    assert _fast_nb._uses_count_tables(positions, theta)
     make = ZeroInflatedNegativeBinomial if zero_inflated else NegativeBinomial
 
     params = [mu, theta, logits] if zero_inflated else [mu, theta]
 
-    def value_and_grads(dtype):
+    def value_and_grads(dtype, method="tables"):
         leaves = [p.detach().to(dtype).requires_grad_() for p in params]
-        value = make(*leaves).log_prob(x.to(dtype))
+        value = make(*leaves, method=method).log_prob(x.to(dtype))
         return [value.detach(), *torch.autograd.grad(value.sum(), leaves)]
 
     tables = value_and_grads(torch.float64)
     tables32 = value_and_grads(torch.float32)
-    monkeypatch.setattr(_nb_log_density, "_uses_count_tables", lambda *a: False)
-    direct = value_and_grads(torch.float64)
+    direct = value_and_grads(torch.float64, "gather")
     for a, b in zip(tables, direct, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -680,8 +710,74 @@ def test_non_integer_counts_do_not_use_the_count_tables():
     x[::3] += 0.5
     mu = torch.rand(50, 20, generator=gen, dtype=torch.float64) * 10 + 0.1
     theta = torch.rand(20, generator=gen, dtype=torch.float64) * 8 + 0.5
-    assert _nb_log_density._uses_count_tables(_nb_log_density._ZeroTermPositions(x), theta)
+    assert _fast_nb._uses_count_tables(_fast_nb._ZeroTermPositions(x), theta)
     ours = log_nb_positive(x, mu, theta)
     direct = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
               + theta * torch.log(theta / (theta + mu)) + x * torch.log(mu / (theta + mu)))
     torch.testing.assert_close(ours, direct, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference log-densities and every fast evaluation of them
+# ---------------------------------------------------------------------------------------
+
+
+def test_reference_log_densities_match_scipy():
+    x, mu, theta = random_grid(3000, seed=5)
+    keep = theta < 1e4  # the plain formula is the definition, exact in float64 there
+    x, mu, theta = x[keep], mu[keep], theta[keep]
+    np.testing.assert_allclose(nb_log_prob(*t64(x, mu, theta)).numpy(),
+                               nb_logpmf_scipy(x, mu, theta), rtol=1e-5, atol=1e-9)
+    logits = np.random.default_rng(6).uniform(-4, 4, x.size)
+    pi = special.expit(logits)
+    with np.errstate(divide="ignore"):
+        expected = np.where(x == 0, np.log(pi + (1 - pi) * np.exp(nb_logpmf_scipy(0, mu, theta))),
+                            np.log1p(-pi) + nb_logpmf_scipy(x, mu, theta))
+    np.testing.assert_allclose(zinb_log_prob(*t64(x, mu, theta, logits)).numpy(), expected,
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("zero_inflated", [False, True])
+def test_every_evaluation_matches_the_reference(evaluation_path, zero_inflated):
+    # Values and gradients (autograd of the plain formula against the hand-written ones)
+    # of a (cells, genes) minibatch with a per-gene theta, in float64.
+    x, mu, theta, logits = count_table_grid(torch.float64)
+    x[:, :2] = 0.0  # whole genes without counts
+    params = [mu, theta, logits] if zero_inflated else [mu, theta]
+    fast = evaluation_path.log_zinb_positive if zero_inflated else evaluation_path.log_nb_positive
+    reference = zinb_log_prob if zero_inflated else nb_log_prob
+    keep = theta < 1e4  # where the plain formula is accurate in float64
+    results = []
+    for fn in (fast, reference):
+        leaves = [p.detach().clone().requires_grad_() for p in params]
+        value = fn(x, *leaves)
+        finite = torch.where(torch.isfinite(value), value, 0.0)
+        results.append([value.detach(), *torch.autograd.grad(finite.sum(), leaves)])
+    (value, *grads), (ref_value, *ref_grads) = results
+    torch.testing.assert_close(value[:, keep], ref_value[:, keep], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[0][:, keep], ref_grads[0][:, keep], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(grads[1][keep], ref_grads[1][keep], rtol=1e-6, atol=1e-6)
+    if zero_inflated:
+        torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-9, atol=1e-9)
+
+
+def test_reference_method_is_the_reference():
+    x, mu, theta, logits = count_table_grid(torch.float64)
+    assert torch.equal(log_nb_positive(x, mu, theta, method="reference"),
+                       nb_log_prob(x, mu, theta))
+    assert torch.equal(
+        ZeroInflatedNegativeBinomial(mu, theta, logits, method="reference").log_prob(x),
+        zinb_log_prob(x, mu, theta, logits))
+    with pytest.raises(ValueError, match="method must be one of"):
+        log_nb_positive(x, mu, theta, method="fast")
+
+
+def test_recorded_positions_apply_only_to_the_tensor_they_describe():
+    # A distribution given the observed counts' positions and asked about another value
+    # (a posterior predictive draw) must not use them.
+    x = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 2.0]])
+    other = torch.tensor([[5.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
+    mu, theta = torch.full((2, 3), 2.0), torch.tensor([1.0, 2.0, 3.0])
+    d = NegativeBinomial(mu, theta, nonzero=recorded(x))
+    assert torch.equal(d.log_prob(other), NegativeBinomial(mu, theta).log_prob(other))
+    assert torch.equal(d.log_prob(x), NegativeBinomial(mu, theta).log_prob(x))

@@ -13,8 +13,8 @@ from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.infer import (
     MinibatchScaling,
     cell_plate,
-    fit,
     default_max_epochs,
+    fit,
     kl_scale,
     kl_weight_schedule,
     loss_and_terms,

@@ -23,7 +23,7 @@ ALWAYS_REFUSED = {"_init_as_actual", "_normalize_index", "_inplace_subset_var",
 
 #: Private names that pyrovi reads from objects of other libraries (not the four above),
 #: where the same name also exists in one of them.
-OTHER_LIBRARIES = {"_version": "torch.Tensor's in-place version counter"}
+OTHER_LIBRARIES: dict[str, str] = {}
 
 
 def _is_private(name: str) -> bool:

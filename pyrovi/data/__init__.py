@@ -14,16 +14,19 @@ from pyrovi.data.registry import (
 )
 from pyrovi.data.streaming import OnDiskCellData
 from pyrovi.data.tensors import (
+    NONZERO_FIELD,
     ArrayTensors,
     CellData,
     CellTensors,
     CountMatrix,
     as_cell_data,
     build_cell_tensors,
+    call_arguments,
 )
 from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
 
 __all__ = [
+    "NONZERO_FIELD",
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
     "AnnbatchCellData",
@@ -37,6 +40,7 @@ __all__ = [
     "SetupError",
     "as_cell_data",
     "build_cell_tensors",
+    "call_arguments",
     "cell_totals",
     "check_protein_names",
     "check_var_names",

@@ -29,9 +29,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pyrovi._nonzero_positions import dense_csr_rows
+from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.data.csr import gather_csr_rows
 from pyrovi.data.ondisk import OnDiskMatrix
-from pyrovi.data.tensors import CellData, CountMatrix, Minibatch
+from pyrovi.data.tensors import NONZERO_FIELD, CellData, CountMatrix, Minibatch
 from pyrovi.data.validation import cell_totals, informative_cells
 
 logger = logging.getLogger(__name__)
@@ -57,25 +58,19 @@ def planned_batch_sizes(n_cells: int, batch_size: int) -> list[int]:
     return sizes
 
 
-def dense_rows(block, device: torch.device) -> torch.Tensor:
+def dense_rows(block, device: torch.device) -> tuple[torch.Tensor, NonzeroPositions | None]:
     """A block of rows (CSR or dense, host memory) as a dense float32 tensor on ``device``.
 
-    Sparse rows travel as their stored values and are scattered into zeros on the device,
-    so a GPU receives the non-zeros only; on the CPU the dense rows remember where they are
-    non-zero (:func:`~pyrovi._nonzero_positions.dense_csr_rows`).
+    Sparse rows travel as their stored values and are scattered into zeros on the device
+    (:func:`~pyrovi.data.csr.gather_csr_rows`), so a GPU receives the non-zeros only; on the
+    CPU their non-zero positions come with them.
     """
     if not sp.issparse(block):
-        return torch.as_tensor(np.asarray(block, dtype=np.float32)).to(device)
+        return torch.as_tensor(np.asarray(block, dtype=np.float32)).to(device), None
     block = sp.csr_matrix(block)
     block.sum_duplicates()  # non-canonical CSR on disk: entries of one position add up
-    if device.type == "cpu":
-        return dense_csr_rows(block)
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    out = torch.zeros(block.shape, dtype=torch.float32, device=device)
-    out[torch.as_tensor(rows, device=device),
-        torch.as_tensor(block.indices.astype(np.int64), device=device)] = torch.as_tensor(
-        block.data.astype(np.float32), device=device)
-    return out
+    return gather_csr_rows(block.indptr, block.indices, block.data, block.shape[1],
+                           np.arange(block.shape[0]), device)
 
 
 def _stack(blocks: list):
@@ -183,7 +178,8 @@ class OnDiskCellData(CellData):
         return block if unique.size == rows.size else block[inverse]
 
     def _batch(self, index: torch.Tensor, block) -> dict[str, torch.Tensor | None]:
-        batch = {"x": dense_rows(block, self._device)}
+        x, x_nonzero = dense_rows(block, self._device)
+        batch = {"x": x, NONZERO_FIELD: x_nonzero}
         batch.update({name: None if value is None else value.index_select(0, index)
                       for name, value in self.fields.items()})
         if self.protein is not None:

@@ -13,6 +13,8 @@ them a block at a time behind the same two methods.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -22,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pyrovi._nonzero_positions import gather_csr_rows
+from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.data.csr import gather_csr_rows
 from pyrovi.data.ondisk import is_on_disk
 from pyrovi.data.proteins import protein_matrix
 from pyrovi.data.registry import (
@@ -36,7 +39,15 @@ from pyrovi.data.validation import cell_totals, informative_cells
 
 #: What a loader yields: the cells' positions (on the data's device) and the keyword
 #: arguments of a model/guide call for them.
-Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
+Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | NonzeroPositions | None]]
+
+#: Minibatch field holding the non-zero positions of the counts ``x``
+#: (:class:`~pyrovi._nonzero_positions.NonzeroPositions`) when the loader densified them
+#: from sparse rows on the CPU, else ``None``. pyrovi's models take it as the keyword
+#: argument ``x_nonzero`` and pass it to their count distribution (``nonzero=``); the
+#: training loop and the posterior utilities leave it out for a model or guide without
+#: that argument (:func:`call_arguments`).
+NONZERO_FIELD = "x_nonzero"
 
 
 def _shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -84,9 +95,8 @@ class CountMatrix:
             self.indices = _shared_tensor(np.asarray(csr.indices, dtype=np.int32), self.device)
             self.data = _shared_tensor(np.asarray(csr.data, dtype=np.float32), self.device)
             if self.device.type == "cpu":
-                # On the CPU rows are gathered by numpy index arithmetic on these arrays
-                # (0.10 ms for 128 mouse-brain cells; scipy's row indexing 0.20 ms, the
-                # torch index arithmetic of the accelerator path several times more).
+                # On the CPU rows are gathered by numpy index arithmetic on these arrays,
+                # the fastest of numpy, scipy's row indexing and torch (benchmarks/RESULTS.md).
                 self._host_arrays = (self.indptr.numpy(), self.indices.numpy(),
                                      self.data.numpy())
         else:
@@ -109,35 +119,28 @@ class CountMatrix:
         Returns
         -------
         torch.Tensor
-            Shape ``(len(index), n_features)``. On the CPU, rows of a sparse matrix are
-            gathered on the host and the result remembers where it is non-zero (see
-            :mod:`pyrovi._nonzero_positions`), which the count likelihoods use.
+            Shape ``(len(index), n_features)``.
+        """
+        return self.gather_with_nonzero(index)[0]
+
+    def gather_with_nonzero(
+        self, index: torch.Tensor
+    ) -> tuple[torch.Tensor, NonzeroPositions | None]:
+        """:meth:`gather`, with the positions of the rows' non-zero entries where known.
+
+        Returns
+        -------
+        dense : torch.Tensor
+            As :meth:`gather`.
+        nonzero : NonzeroPositions or None
+            On the CPU, for a sparse matrix (rows gathered on the host); else ``None``.
         """
         if not self.is_sparse:
-            return self.dense.index_select(0, index)
+            return self.dense.index_select(0, index), None
         if self.device.type == "cpu":
-            return self._gather_on_host(index)
-        return self._gather_on_device(index)
-
-    def _gather_on_host(self, index: torch.Tensor) -> torch.Tensor:
-        """CPU: the rows gathered on the host, densified with their non-zero positions."""
-        indptr, indices, data = self._host_arrays
-        return gather_csr_rows(indptr, indices, data, self.shape[1], index.numpy())
-
-    def _gather_on_device(self, index: torch.Tensor) -> torch.Tensor:
-        """Any device: index arithmetic on the CSR arrays, one scatter into zeros."""
-        starts = self.indptr.index_select(0, index)
-        lengths = self.indptr.index_select(0, index + 1) - starts
-        rows = torch.repeat_interleave(torch.arange(index.numel(), device=self.device), lengths)
-        # Position of every gathered non-zero inside the CSR arrays: the row's start plus the
-        # running offset within the row.
-        first_of_row = torch.cumsum(lengths, 0) - lengths
-        offsets = torch.arange(rows.numel(), device=self.device)
-        offsets = offsets - first_of_row.index_select(0, rows)
-        positions = starts.index_select(0, rows) + offsets
-        out = torch.zeros(index.numel(), self.shape[1], device=self.device)
-        out[rows, self.indices.index_select(0, positions)] = self.data.index_select(0, positions)
-        return out
+            indptr, indices, data = self._host_arrays
+            return gather_csr_rows(indptr, indices, data, self.shape[1], index.numpy())
+        return gather_csr_rows(self.indptr, self.indices, self.data, self.shape[1], index)
 
 
 def shuffled_minibatches(
@@ -261,15 +264,18 @@ class CellTensors(CellData):
         Returns
         -------
         dict
-            ``x``, ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor``,
-            and ``y`` (protein counts) for multi-modal data.
+            ``x``, ``x_nonzero`` (:data:`NONZERO_FIELD`), ``batch_index``, ``labels``,
+            ``cat_covs``, ``cont_covs``, ``size_factor``, and ``y`` (protein counts) for
+            multi-modal data.
         """
 
         def rows(t):
             return None if t is None else t.index_select(0, index)
 
+        x, x_nonzero = self.counts.gather_with_nonzero(index)
         batch = {
-            "x": self.counts.gather(index),
+            "x": x,
+            NONZERO_FIELD: x_nonzero,
             "batch_index": rows(self.batch_index),
             "labels": rows(self.labels),
             "cat_covs": rows(self.cat_covs),
@@ -344,13 +350,56 @@ class ArrayTensors(CellData):
         return self._device
 
     def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments of a model/guide call for cells ``index``."""
-        return {
-            name: None if value is None
-            else value.gather(index) if isinstance(value, CountMatrix)
-            else value.index_select(0, index)
-            for name, value in self.arrays.items()
-        }
+        """Keyword arguments of a model/guide call for cells ``index``.
+
+        A sparse ``x`` also gives ``x_nonzero`` (:data:`NONZERO_FIELD`), which reaches
+        only a model and guide that take it (:func:`call_arguments`).
+        """
+        batch = {}
+        for name, value in self.arrays.items():
+            if value is None:
+                batch[name] = None
+            elif isinstance(value, CountMatrix):
+                batch[name], nonzero = value.gather_with_nonzero(index)
+                if name == "x" and value.is_sparse and NONZERO_FIELD not in self.arrays:
+                    batch[NONZERO_FIELD] = nonzero
+            else:
+                batch[name] = value.index_select(0, index)
+        return batch
+
+
+@functools.cache
+def _takes_argument(function, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass every field
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def call_arguments(batch: dict, *functions) -> dict:
+    """``batch`` without :data:`NONZERO_FIELD` unless every one of ``functions`` takes it.
+
+    The non-zero positions are an optional field: a model/guide pair written without an
+    ``x_nonzero`` argument (or ``**kwargs``) gets the minibatch without it, and every
+    other field as before.
+
+    Parameters
+    ----------
+    batch
+        A minibatch (:meth:`CellData.minibatch`).
+    *functions
+        The callables it is passed to (a model and its guide).
+
+    Returns
+    -------
+    dict
+        ``batch`` itself, or a copy without the field.
+    """
+    if NONZERO_FIELD not in batch or all(
+            _takes_argument(getattr(f, "__func__", f), NONZERO_FIELD) for f in functions):
+        return batch
+    return {name: value for name, value in batch.items() if name != NONZERO_FIELD}
 
 
 def as_cell_data(data, device: torch.device | str | None = None) -> CellData:

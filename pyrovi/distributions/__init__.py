@@ -12,12 +12,22 @@ between them by name:
   two-component negative binomial mixture, totalVI's protein background/foreground
   likelihood, with weight ``sigmoid(mixture_logits)`` on component 1.
 
-:func:`log_nb_positive` and :func:`log_zinb_positive` are the numerically stable
-log-densities they use, with hand-written gradients (about half the time of autograd on
-a training minibatch; see ``benchmarks/RESULTS.md``).
+:func:`nb_log_prob` and :func:`zinb_log_prob` are the reference log-densities (the
+formulas of the papers, plain autograd); :func:`log_nb_positive` and
+:func:`log_zinb_positive` give the same numbers, numerically stable in float32 and with
+hand-written gradients, evaluated as their ``method=`` says (the distributions take the
+same keyword). The non-zero positions of observed counts
+(:class:`NonzeroPositions`, a minibatch's ``x_nonzero``) go to the distributions as
+``nonzero=``.
 """
 
-from pyrovi.distributions._nb_log_density import log_nb_positive, log_zinb_positive
+from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.distributions.log_density import (
+    log_nb_positive,
+    log_zinb_positive,
+    nb_log_prob,
+    zinb_log_prob,
+)
 from pyrovi.distributions.nb_mixture import NegativeBinomialMixture
 from pyrovi.distributions.negative_binomial import NegativeBinomial
 from pyrovi.distributions.poisson import Poisson
@@ -26,8 +36,11 @@ from pyrovi.distributions.zero_inflated import ZeroInflatedNegativeBinomial
 __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
+    "NonzeroPositions",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
     "log_nb_positive",
     "log_zinb_positive",
+    "nb_log_prob",
+    "zinb_log_prob",
 ]

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from pyrovi.distributions._nb_log_density import log_nb_positive
-from pyrovi.distributions._utils import repr_params
-from pyrovi.distributions.negative_binomial import NegativeBinomial
+from pyrovi.distributions._base import CountDistribution, gamma_poisson_sample
+from pyrovi.distributions.log_density import log_nb_positive
 
 
-class NegativeBinomialMixture(TorchDistribution):
+class NegativeBinomialMixture(CountDistribution):
     r"""Mixture of two negative binomials, totalVI's background/foreground protein model.
 
     With ``w = sigmoid(mixture_logits)``,
@@ -86,6 +84,7 @@ class NegativeBinomialMixture(TorchDistribution):
     }
     support = constraints.nonnegative_integer
     has_rsample = False
+    _expanded = ("mu1", "mu2", "theta1", "theta2", "mixture_logits")
 
     def __init__(
         self,
@@ -127,32 +126,6 @@ class NegativeBinomialMixture(TorchDistribution):
         v2 = self.mu2 + self.mu2.square() / self.theta2
         return w1 * v1 + w2 * v2 + w1 * w2 * (self.mu1 - self.mu2).square()
 
-    def __repr__(self) -> str:
-        return repr_params(self)
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> NegativeBinomialMixture:
-        """Broadcast the parameters to ``batch_shape`` without copying them.
-
-        Parameters
-        ----------
-        batch_shape
-            The new batch shape.
-        _instance
-            Used by subclasses (torch's ``expand`` protocol).
-
-        Returns
-        -------
-        NegativeBinomialMixture
-            A distribution of batch shape ``batch_shape``.
-        """
-        new = self._get_checked_instance(NegativeBinomialMixture, _instance)
-        batch_shape = torch.Size(batch_shape)
-        for name in self.arg_constraints:
-            setattr(new, name, getattr(self, name).expand(batch_shape))
-        super(NegativeBinomialMixture, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draw counts: a component with probabilities ``(w, 1 - w)``, then its NB.
 
@@ -171,7 +144,7 @@ class NegativeBinomialMixture(TorchDistribution):
             first = torch.bernoulli(self.mixture_probs.expand(shape)).bool()
             mu = torch.where(first, self.mu1, self.mu2)
             theta = torch.where(first, self.theta1, self.theta2)
-            return NegativeBinomial(mu, theta, validate_args=False).sample()
+            return gamma_poisson_sample(mu, theta)
 
     def _component_log_probs(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``log NB1(value)`` and ``log NB2(value)``, after validating ``value``."""

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import torch
-from pyro.distributions import TorchDistribution
-from torch.distributions import Gamma, constraints
+from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from pyrovi.distributions._nb_log_density import log_nb_positive
+from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.distributions._base import CountDistribution, gamma_poisson_sample
+from pyrovi.distributions.log_density import log_nb_positive
 
 
-class NegativeBinomial(TorchDistribution):
+class NegativeBinomial(CountDistribution):
     """Negative binomial of mean ``mu`` and inverse dispersion ``theta`` (scVI's NB).
 
     The Gamma-Poisson mixture ``x ~ Poisson(lambda)``, ``lambda ~ Gamma(theta, theta / mu)``,
@@ -32,6 +33,12 @@ class NegativeBinomial(TorchDistribution):
     validate_args
         Check the parameters (and values passed to :meth:`log_prob`) against their
         constraints; ``None`` follows the global setting.
+    method
+        How :meth:`log_prob` evaluates the log-density (see
+        :func:`~pyrovi.distributions.log_nb_positive`; default ``"auto"``).
+    nonzero
+        The non-zero entries of the counts this distribution will score (a minibatch's
+        ``x_nonzero``), used when :meth:`log_prob` gets that very tensor.
 
     Examples
     --------
@@ -46,14 +53,20 @@ class NegativeBinomial(TorchDistribution):
     arg_constraints = {"mu": constraints.nonnegative, "theta": constraints.positive}
     support = constraints.nonnegative_integer
     has_rsample = False
+    _expanded = ("mu", "theta")
+    _copied = ("method", "nonzero")
 
     def __init__(
         self,
         mu: torch.Tensor | float,
         theta: torch.Tensor | float,
         validate_args: bool | None = None,
+        *,
+        method: str = "auto",
+        nonzero: NonzeroPositions | None = None,
     ) -> None:
         self.mu, self.theta = broadcast_all(mu, theta)
+        self.method, self.nonzero = method, nonzero
         super().__init__(self.mu.shape, validate_args=validate_args)
 
     @property
@@ -65,29 +78,6 @@ class NegativeBinomial(TorchDistribution):
     def variance(self) -> torch.Tensor:
         """The variance, ``mu + mu**2 / theta``."""
         return self.mu + self.mu.square() / self.theta
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> NegativeBinomial:
-        """Broadcast the parameters to ``batch_shape`` without copying them.
-
-        Parameters
-        ----------
-        batch_shape
-            The new batch shape.
-        _instance
-            Used by subclasses (torch's ``expand`` protocol).
-
-        Returns
-        -------
-        NegativeBinomial
-            A distribution of batch shape ``batch_shape``.
-        """
-        new = self._get_checked_instance(NegativeBinomial, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.mu = self.mu.expand(batch_shape)
-        new.theta = self.theta.expand(batch_shape)
-        super(NegativeBinomial, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draw counts from the Gamma-Poisson mixture.
@@ -104,15 +94,7 @@ class NegativeBinomial(TorchDistribution):
             ``sample_shape + batch_shape``.
         """
         shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            theta = self.theta.expand(shape)
-            # Sampling a unit-rate Gamma and scaling by mu / theta, rather than using
-            # Gamma(theta, theta / mu), keeps mu = 0 legal (an infinite rate) and gives a
-            # Poisson rate of exactly 0 there; it is also accurate for theta = 1e6, where the
-            # unit-rate Gamma draw is ~1e6 +/- 1e3 and the ratio ~1 +/- 1e-3.
-            unit_gamma = Gamma(theta, torch.ones_like(theta), validate_args=False).sample()
-            rate = unit_gamma * (self.mu.expand(shape) / theta)
-            return torch.poisson(rate)
+        return gamma_poisson_sample(self.mu.expand(shape), self.theta.expand(shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the counts ``value``.
@@ -129,4 +111,5 @@ class NegativeBinomial(TorchDistribution):
         """
         if self._validate_args:
             self._validate_sample(value)
-        return log_nb_positive(value, self.mu, self.theta)
+        return log_nb_positive(value, self.mu, self.theta, method=self.method,
+                               nonzero=self.nonzero)

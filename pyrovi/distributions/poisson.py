@@ -6,11 +6,11 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
+from pyrovi.distributions._base import CountDistribution
 from pyrovi.distributions._functional import log_poisson
-from pyrovi.distributions._utils import repr_params
 
 
-class Poisson(dist.Poisson):
+class Poisson(CountDistribution, dist.Poisson):
     """Poisson of mean ``mu``: :class:`pyro.distributions.Poisson` with ``rate = mu``.
 
     It shares the ``mu=`` keyword with :class:`NegativeBinomial` and
@@ -42,26 +42,8 @@ class Poisson(dist.Poisson):
         """The mean, an alias of ``rate``."""
         return self.rate
 
-    def __repr__(self) -> str:
-        return repr_params(self)
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> Poisson:
-        """Broadcast the parameter to ``batch_shape`` without copying it.
-
-        Parameters
-        ----------
-        batch_shape
-            The new batch shape.
-        _instance
-            Used by subclasses (torch's ``expand`` protocol).
-
-        Returns
-        -------
-        Poisson
-            A distribution of batch shape ``batch_shape``.
-        """
-        new = self._get_checked_instance(Poisson, _instance)
-        return super().expand(batch_shape, _instance=new)
+    def _expand_into(self, new: Poisson, batch_shape: torch.Size) -> None:
+        dist.Poisson.expand(self, batch_shape, _instance=new)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the counts ``value``.

@@ -7,12 +7,13 @@ from pyro.distributions import ZeroInflatedDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from pyrovi.distributions._nb_log_density import log_zinb_positive
-from pyrovi.distributions._utils import repr_params
+from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.distributions._base import CountDistribution
+from pyrovi.distributions.log_density import log_zinb_positive
 from pyrovi.distributions.negative_binomial import NegativeBinomial
 
 
-class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
+class ZeroInflatedNegativeBinomial(CountDistribution, ZeroInflatedDistribution):
     """Negative binomial with extra zeros, scVI's ZINB.
 
     ``x = 0`` with probability ``pi = sigmoid(zi_logits)`` (the dropout, or gate), and
@@ -30,6 +31,12 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
     validate_args
         Check the parameters (and values passed to :meth:`log_prob`) against their
         constraints; ``None`` follows the global setting.
+    method
+        How :meth:`log_prob` evaluates the log-density (see
+        :func:`~pyrovi.distributions.log_zinb_positive`; default ``"auto"``).
+    nonzero
+        The non-zero entries of the counts this distribution will score (a minibatch's
+        ``x_nonzero``), used when :meth:`log_prob` gets that very tensor.
 
     Examples
     --------
@@ -47,6 +54,7 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
         "zi_logits": constraints.real,
     }
     support = constraints.nonnegative_integer
+    _copied = ("method", "nonzero")
 
     def __init__(
         self,
@@ -54,7 +62,11 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
         theta: torch.Tensor | float,
         zi_logits: torch.Tensor | float,
         validate_args: bool | None = None,
+        *,
+        method: str = "auto",
+        nonzero: NonzeroPositions | None = None,
     ) -> None:
+        self.method, self.nonzero = method, nonzero
         mu, theta, zi_logits = broadcast_all(mu, theta, zi_logits)
         base_dist = NegativeBinomial(mu, theta, validate_args=validate_args)
         super().__init__(base_dist, gate_logits=zi_logits, validate_args=validate_args)
@@ -92,36 +104,15 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
         keep = torch.sigmoid(-self.gate_logits)
         return keep * self.base_dist.variance + keep * (1.0 - keep) * self.mu.square()
 
-    def __repr__(self) -> str:
-        return repr_params(self)
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> ZeroInflatedNegativeBinomial:
-        """Broadcast the parameters to ``batch_shape`` without copying them.
-
-        Parameters
-        ----------
-        batch_shape
-            The new batch shape.
-        _instance
-            Used by subclasses (torch's ``expand`` protocol).
-
-        Returns
-        -------
-        ZeroInflatedNegativeBinomial
-            A distribution of batch shape ``batch_shape``.
-        """
-        # Not inherited: ZeroInflatedDistribution.expand raises once the lazy ``gate`` has
-        # been computed, because it then passes both ``gate`` and ``gate_logits``.
-        new = self._get_checked_instance(ZeroInflatedNegativeBinomial, _instance)
-        batch_shape = torch.Size(batch_shape)
+    def _expand_into(self, new: ZeroInflatedNegativeBinomial, batch_shape: torch.Size) -> None:
+        # Not ZeroInflatedDistribution.expand: it raises once the lazy ``gate`` has been
+        # computed, because it then passes both ``gate`` and ``gate_logits``.
         ZeroInflatedDistribution.__init__(
             new,
             self.base_dist.expand(batch_shape),
             gate_logits=self.gate_logits.expand(batch_shape),
             validate_args=False,
         )
-        new._validate_args = self._validate_args
-        return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Log-probability of the counts ``value``.
@@ -144,4 +135,5 @@ class ZeroInflatedNegativeBinomial(ZeroInflatedDistribution):
             self._validate_sample(value)
         # Always from the logits: the inherited log_prob switches to the less stable
         # probability form as soon as the lazy ``gate`` has been read.
-        return log_zinb_positive(value, self.mu, self.theta, self.gate_logits)
+        return log_zinb_positive(value, self.mu, self.theta, self.gate_logits,
+                                 method=self.method, nonzero=self.nonzero)

@@ -19,6 +19,8 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from pyro.poutine import Trace
 
+from pyrovi.data.tensors import call_arguments
+
 ELBO_CLASSES = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
@@ -139,6 +141,7 @@ def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, Ce
         :class:`CellTerms` from the same traces (averaged over particles).
     """
     n_cells = kwargs["x"].shape[0]
+    kwargs = call_arguments(kwargs, model, guide)
     loss = 0.0
     reconstruction = 0.0
     kl = 0.0
@@ -169,6 +172,7 @@ def inference_mode(module):
 @torch.no_grad()
 def evaluate_terms(model, guide, **kwargs) -> CellTerms:
     """Per-cell terms of a single posterior sample, without gradients (for evaluation)."""
+    kwargs = call_arguments(kwargs, model, guide)
     guide_trace = pyro.poutine.trace(guide).get_trace(**kwargs)
     model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(
         **kwargs

@@ -22,7 +22,12 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from pyrovi.distributions import (
+    NegativeBinomial,
+    NonzeroPositions,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+)
 from pyrovi.infer.scaling import cell_plate
 from pyrovi.nn import (
     AmortizedEncoder,
@@ -38,7 +43,9 @@ GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
 NORM_OPTIONS = ("encoder", "decoder", "both", "none")
 
 
-def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.Distribution:
+def count_likelihood(
+    name_or_fn: str | Callable, mu, theta, zi_logits, nonzero: NonzeroPositions | None = None
+) -> dist.Distribution:
     """The per-feature count distribution with mean ``mu``.
 
     Parameters
@@ -54,6 +61,9 @@ def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.D
     mu, theta, zi_logits
         Mean, inverse dispersion and zero-inflation logits (the latter two may be ``None``
         where the likelihood does not use them).
+    nonzero
+        Non-zero positions of the counts the distribution will score (a minibatch's
+        ``x_nonzero``), for the negative binomials (``nonzero=``); ignored otherwise.
 
     Returns
     -------
@@ -67,9 +77,10 @@ def count_likelihood(name_or_fn: str | Callable, mu, theta, zi_logits) -> dist.D
     if callable(name_or_fn):
         return _checked_custom_likelihood(name_or_fn, name_or_fn(mu, theta, zi_logits), mu)
     if name_or_fn == "zinb":
-        return ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits)
+        return ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits,
+                                            nonzero=nonzero)
     if name_or_fn == "nb":
-        return NegativeBinomial(mu=mu, theta=theta)
+        return NegativeBinomial(mu=mu, theta=theta, nonzero=nonzero)
     if name_or_fn == "poisson":
         return Poisson(mu=mu)
     raise ValueError(
@@ -322,18 +333,26 @@ class SCVIModule(nn.Module):
             "zi_logits": out.zi_logits,
         }
 
-    def likelihood(self, params: dict) -> dist.Distribution:
-        """The distribution of a cell's counts (event shape: genes)."""
+    def likelihood(self, params: dict, nonzero: NonzeroPositions | None = None
+                   ) -> dist.Distribution:
+        """The distribution of a cell's counts (event shape: genes).
+
+        ``nonzero``: the non-zero positions of the counts it will score, if known.
+        """
         counts = count_likelihood(
-            self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"])
+            self.gene_likelihood, params["mu"], params["theta"], params["zi_logits"], nonzero)
         # A custom likelihood may already be a distribution over the genes of a cell.
         return counts if counts.event_shape else counts.to_event(1)
 
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None):
-        """Generative process p(x, z, l) for a minibatch of ``x.shape[0]`` cells."""
+              size_factor=None, x_nonzero=None):
+        """Generative process p(x, z, l) for a minibatch of ``x.shape[0]`` cells.
+
+        ``x_nonzero`` (:data:`pyrovi.data.NONZERO_FIELD`) are the non-zero positions of
+        ``x`` when the loader knows them; they only speed up the likelihood.
+        """
         n_cells = x.shape[0]
         with cell_plate(n_cells):
             # z_n ~ p(z): the cell's state (standard normal, or the chosen prior)
@@ -346,10 +365,10 @@ class SCVIModule(nn.Module):
                 log_library = pyro.sample("library", self.library_prior(batch_index))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
             # x_ng ~ ZINB / NB / Poisson(l_n rho_ng(z_n, s_n), theta_g, pi_ng)
-            pyro.sample("x", self.likelihood(params), obs=x)
+            pyro.sample("x", self.likelihood(params, x_nonzero), obs=x)
 
     def guide(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None):
+              size_factor=None, x_nonzero=None):
         """Amortized posterior q(z, l | x) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs)
         with cell_plate(x.shape[0]):

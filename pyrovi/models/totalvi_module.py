@@ -221,7 +221,7 @@ class TOTALVIModule(SCVIModule):
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None):
+              size_factor=None, x_nonzero=None):
         """Generative process p(x, y, z, l, β) for a minibatch of ``x.shape[0]`` cells."""
         n_cells = x.shape[0]
         with cell_plate(n_cells):
@@ -239,13 +239,13 @@ class TOTALVIModule(SCVIModule):
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
                                      log_background)
             # x_ng ~ ZINB / NB(l_n rho_ng, theta_g): RNA counts, as in scVI
-            pyro.sample("x", self.likelihood(params), obs=x)
+            pyro.sample("x", self.likelihood(params, x_nonzero), obs=x)
             # y_nt ~ sigmoid(pi_nt) NB(beta_nt, phi_t) + sigmoid(-pi_nt) NB(beta_nt alpha_nt,
             # phi_t): background or foreground, proteins measured in the cell's batch only
             pyro.sample("y", self.protein_likelihood(params, batch_index), obs=y)
 
     def guide(self, x, y, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None):
+              size_factor=None, x_nonzero=None):
         """Amortized posterior q(z, l | x, y) q(β | z) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
         with cell_plate(x.shape[0]):

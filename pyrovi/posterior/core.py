@@ -32,7 +32,7 @@ from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from pyrovi.data.indices import cell_positions
-from pyrovi.data.tensors import CellTensors, as_cell_data
+from pyrovi.data.tensors import CellTensors, as_cell_data, call_arguments
 from pyrovi.infer.objective import cell_terms, inference_mode
 from pyrovi.nn.encoder import identity
 
@@ -60,7 +60,7 @@ class PosteriorDraw(NamedTuple):
 
 def guide_trace(module, batch: dict) -> poutine.Trace:
     """One draw from the amortized posterior, as a Pyro trace."""
-    return poutine.trace(module.guide).get_trace(**batch)
+    return poutine.trace(module.guide).get_trace(**call_arguments(batch, module.guide))
 
 
 def model_trace(module, batch: dict, posterior: poutine.Trace, predictive: bool = False):
@@ -69,6 +69,7 @@ def model_trace(module, batch: dict, posterior: poutine.Trace, predictive: bool 
     With ``predictive=True`` the observed sites are sampled (posterior predictive) instead
     of conditioned on the data.
     """
+    batch = call_arguments(batch, module.model)
     model = poutine.replay(module.model, trace=posterior)
     if predictive:
         model = poutine.uncondition(model)

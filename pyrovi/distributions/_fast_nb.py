@@ -1,23 +1,32 @@
-"""Negative binomial and ZINB log-densities with a hand-written backward pass.
+"""The fast evaluations of the NB and ZINB log-densities, with a hand-written backward pass.
 
-Written with autograd, the ZINB log-density of a minibatch and its gradient take about
-twenty elementwise passes over the ``(cells, genes)`` matrix forward and as many backward,
-each allocating its own result; on CPU that was half of a training step (see
-``benchmarks/RESULTS.md``). Here the forward pass computes the value together with the
-elementwise derivatives ``d log p / d mu``, ``d log p / d theta`` and
-``d log p / d zi_logits`` from shared intermediates, and the backward pass is one
-multiplication per parameter (for a per-gene parameter under the per-cell gradient of a
-sum over genes, a matrix-vector product).
+:mod:`pyrovi.distributions.log_density` holds the definition (:func:`nb_log_prob`,
+:func:`zinb_log_prob`, plain autograd); this module computes the same numbers faster, and
+accurately in float32 where ``theta`` is large. Written with autograd, the ZINB
+log-density of a minibatch and its gradient take about twenty elementwise passes over the
+``(cells, genes)`` matrix forward and as many backward, each allocating its own result; on
+CPU that was half of a training step (``benchmarks/RESULTS.md``). Here the forward pass
+computes the value together with the elementwise derivatives ``d log p / d mu``,
+``d log p / d theta`` and ``d log p / d zi_logits`` from shared intermediates, and the
+backward pass is one multiplication per parameter (for a per-gene parameter under the
+per-cell gradient of a sum over genes, a matrix-vector product).
 
-Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``;
-the terms that vanish at ``x = 0`` (lgamma, digamma) are evaluated on the CPU only at the
-non-zero counts, gathered by index (at positions the loader recorded when the minibatch
-came from sparse rows, :mod:`pyrovi._nonzero_positions`), and on accelerators at every
-entry (no index search, so the host never waits for the device), with Stirling's series
-where ``theta`` is large. Functions of ``theta`` alone are computed once per gene; on the
-CPU, integer counts below ``_TABLE_COUNTS`` (most of them in single-cell data) read their
-lgamma and digamma differences from per-gene tables summed in float64, so that lgamma and
-digamma run only at the few larger counts. Derivatives (with
+The caller chooses the evaluation with ``method`` (:data:`METHODS`; ``"auto"`` is
+``"tables"`` on the CPU and ``"dense"`` elsewhere, :func:`default_method`):
+
+- ``"dense"``: the terms that vanish at ``x = 0`` (lgamma, digamma) at every entry, with
+  ``where`` choosing Stirling's series where ``theta`` is large: no index search, so the
+  host never waits for an accelerator.
+- ``"gather"``: those terms only at the non-zero counts, gathered by index (at the
+  positions the loader recorded, :class:`~pyrovi._nonzero_positions.NonzeroPositions`,
+  when given), Stirling's series selected by index.
+- ``"tables"``: as ``"gather"``, and where ``theta`` is one value per gene, integer counts
+  below ``_TABLE_COUNTS`` (most of them in single-cell data) read their lgamma and
+  digamma differences from per-gene tables summed in float64, so that lgamma and digamma
+  run only at the few larger counts.
+
+Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``.
+Functions of ``theta`` alone are computed once per gene. Derivatives (with
 ``r = mu / theta``)::
 
     d log p0 / d mu    = -1 / (1 + r)
@@ -39,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
-from pyrovi._nonzero_positions import NonzeroPositions, tagged_nonzero_positions
+from pyrovi._nonzero_positions import NonzeroPositions
 from pyrovi.distributions._functional import (
     THETA_SWITCH,
     _stirling_rising_excess,
@@ -72,6 +81,14 @@ def _stirling_terms(x, mu, theta, lgamma_x1, x_log_mu, with_grads: bool):
     return value, d_theta
 
 
+#: Evaluation methods of the log-densities (see the module docstring).
+METHODS = ("auto", "tables", "gather", "dense")
+
+# Module-level caches. Both hold constants that depend only on their key (a dtype and
+# device, a table size and device), built on first use and kept for the life of the
+# process, so that a training step never rebuilds them: lgamma of every count below
+# _FACTORIAL_TABLE_SIZE (512 KiB in float64 per key) and the arguments of the per-gene
+# count tables (tiny). Nothing else in this module keeps state between calls.
 _FACTORIAL_TABLE_SIZE = 2**16
 _log_factorial_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -85,7 +102,7 @@ def _as_integer_counts(x: torch.Tensor) -> torch.Tensor | None:
 def _log_factorial(x: torch.Tensor) -> torch.Tensor:
     """``lgamma(x + 1)``, from a table when every count is an integer below 65,536.
 
-    A table lookup costs a fifth of ``lgamma`` on the CPU; other values (rare large
+    A table lookup is cheaper than ``lgamma`` on the CPU; other values (rare large
     counts, or non-integer input) take ``lgamma``.
     """
     if x.numel() == 0:
@@ -273,14 +290,15 @@ def _gather_flat(
     return t.expand(shape).reshape(-1).index_select(0, flat)
 
 
-def gathers_nonzero(x: torch.Tensor) -> bool:
-    """Whether the terms that vanish at zero are evaluated at the gathered non-zero counts.
+def default_method(x: torch.Tensor) -> str:
+    """The evaluation ``method="auto"`` stands for: ``"tables"`` on the CPU, else ``"dense"``.
 
-    On the CPU, yes (it saves their lgamma/digamma work at every zero). On accelerators the
-    elementwise work is cheap and finding the non-zeros would make the host wait for the
-    device at every step, so every entry is evaluated instead.
+    On the CPU the terms that vanish at zero are evaluated at the gathered non-zero counts
+    (it saves their lgamma/digamma work at every zero). On accelerators the elementwise
+    work is cheap and finding the non-zeros would make the host wait for the device at
+    every step, so every entry is evaluated instead.
     """
-    return x.device.type == "cpu"
+    return "tables" if x.device.type == "cpu" else "dense"
 
 
 def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_logits):
@@ -303,14 +321,15 @@ def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_l
 class _ZeroTermPositions:
     """Where the terms that vanish at zero are evaluated, and how results go back.
 
-    Gathered (the CPU): the non-zero counts are found once and everything else is index
-    arithmetic on them. Dense (accelerators): every entry is evaluated and ``where`` picks
-    the non-zero ones, so that nothing waits for the device. See :func:`gathers_nonzero`.
+    Gathered (``dense=False``): the non-zero counts are found once (or ``known``) and
+    everything else is index arithmetic on them. Dense: every entry is evaluated and
+    ``where`` picks the non-zero ones, so that nothing waits for the device.
     """
 
-    def __init__(self, x: torch.Tensor, known: NonzeroPositions | None = None):
+    def __init__(self, x: torch.Tensor, known: NonzeroPositions | None = None,
+                 dense: bool = False):
         self.shape = x.shape
-        self.dense = not gathers_nonzero(x)
+        self.dense = dense
         self.known = None if self.dense else known
         if self.dense:
             self.positive = x > 0
@@ -362,13 +381,14 @@ def _log_prob_and_derivatives(
     theta: torch.Tensor,
     zi_logits: torch.Tensor | None,
     with_grads: bool,
+    method: str,
     known_nonzero: NonzeroPositions | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Elementwise NB (``zi_logits=None``) or ZINB log-density and local derivatives.
 
     ``x``, ``mu`` and ``zi_logits`` share one shape; ``theta`` is broadcastable to it
-    (typically one value per gene). ``known_nonzero`` holds the non-zero counts when the
-    caller knows them (see :mod:`pyrovi._nonzero_positions`).
+    (typically one value per gene). ``method`` is one of :data:`METHODS` other than
+    ``"auto"``; ``known_nonzero`` holds the non-zero counts when the caller knows them.
     Returns the value and ``(d_mu, d_theta, d_zi_logits)`` (``None`` where not computed),
     all of the full shape.
     """
@@ -387,12 +407,11 @@ def _log_prob_and_derivatives(
         # Share of a zero that the negative binomial explains (the gate explains the rest).
         weight = torch.sub(log_p0, value).exp_() if with_grads else None
 
-    # On the CPU the lgamma/digamma terms are evaluated at the non-zero counts only: they
-    # cost more than the gathers, even at 50% non-zero (measured).
-    positions = _ZeroTermPositions(x, known_nonzero)
+    positions = _ZeroTermPositions(x, known_nonzero, dense=method == "dense")
     at = positions.at
     x_at = positions.counts(x)
-    counts = _as_integer_counts(x_at) if _uses_count_tables(positions, theta) else None
+    tables = method == "tables" and _uses_count_tables(positions, theta)
+    counts = _as_integer_counts(x_at) if tables else None
     if counts is not None:
         log_p, extra_d_mu, extra_d_theta = _small_count_terms(
             x_at, counts, at(mu), at(log1p_ratio), positions.columns, theta, lgamma_theta,
@@ -424,7 +443,7 @@ class _CountLogProb(torch.autograd.Function):
     """Autograd wrapper: value and local derivatives forward, products backward."""
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits, known_nonzero):
+    def forward(ctx, x, mu, theta, zi_logits, method, known_nonzero):
         shape = x.shape
         value, derivatives = _log_prob_and_derivatives(
             x,
@@ -432,6 +451,7 @@ class _CountLogProb(torch.autograd.Function):
             theta,
             None if zi_logits is None else zi_logits.expand(shape),
             with_grads=True,
+            method=method,
             known_nonzero=known_nonzero,
         )
         ctx.save_for_backward(*(d for d in derivatives if d is not None))
@@ -449,7 +469,7 @@ class _CountLogProb(torch.autograd.Function):
                 continue
             derivative = next(saved)
             grads.append(_chain(grad, derivative, shape) if needed else None)
-        return (*grads, None)  # nothing for known_nonzero
+        return (*grads, None, None)  # nothing for method and known_nonzero
 
 
 def _chain(grad: torch.Tensor, derivative: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -465,24 +485,41 @@ def _chain(grad: torch.Tensor, derivative: torch.Tensor, shape: torch.Size) -> t
     return (grad * derivative).sum_to_size(shape)
 
 
-def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
-    """NB (``zi_logits=None``) or ZINB log-density through :class:`_CountLogProb`."""
+def log_count(
+    x: torch.Tensor,
+    mu,
+    theta,
+    zi_logits=None,
+    method: str = "auto",
+    nonzero: NonzeroPositions | None = None,
+) -> torch.Tensor:
+    """NB (``zi_logits=None``) or ZINB log-density of ``x``, evaluated by ``method``.
+
+    ``nonzero`` is used only by the gathering methods and only when it describes ``x``
+    itself (:meth:`~pyrovi._nonzero_positions.NonzeroPositions.describe`) and broadcasting
+    leaves ``x``'s shape unchanged; otherwise the non-zeros are found in ``x``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or 'reference', got {method!r}.")
+    known = nonzero if nonzero is not None and nonzero.describe(x) else None
     tensors = [x, mu, theta] if zi_logits is None else [x, mu, theta, zi_logits]
-    known = tagged_nonzero_positions(x)  # read before broadcasting makes new views
     shape_before = x.shape
     x, mu, theta, *rest = broadcast_all(*tensors)
     if x.shape != shape_before:
         known = None
     zi_logits = rest[0] if rest else None
     x = x.to(mu.dtype)
+    if method == "auto":
+        method = default_method(x)
     if x.dim() == 0:  # the index arithmetic below wants at least one dimension
-        one = _log_count(x.reshape(1), mu.reshape(1), theta.reshape(1),
-                         None if zi_logits is None else zi_logits.reshape(1))
+        one = log_count(x.reshape(1), mu.reshape(1), theta.reshape(1),
+                        None if zi_logits is None else zi_logits.reshape(1), method)
         return one.reshape(())
     params = [p for p in (mu, theta, zi_logits) if p is not None]
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         value, _ = _log_prob_and_derivatives(
-            x, mu, _unbroadcast(theta), zi_logits, with_grads=False, known_nonzero=known
+            x, mu, _unbroadcast(theta), zi_logits, with_grads=False, method=method,
+            known_nonzero=known,
         )
         return value
     return _CountLogProb.apply(
@@ -490,97 +527,6 @@ def _log_count(x, mu, theta, zi_logits=None) -> torch.Tensor:
         _unbroadcast(mu),
         _unbroadcast(theta),
         None if zi_logits is None else _unbroadcast(zi_logits),
+        method,
         known,
     )
-
-
-def log_nb_positive(
-    x: torch.Tensor, mu: torch.Tensor | float, theta: torch.Tensor | float
-) -> torch.Tensor:
-    """Elementwise log-probability of counts under a negative binomial of mean ``mu``.
-
-    The negative binomial of mean ``mu`` and inverse dispersion ``theta`` (variance
-    ``mu + mu**2 / theta``) is the Gamma-Poisson mixture
-
-    ``log p(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
-    + theta * log(theta / (theta + mu)) + x * log(mu / (theta + mu))``.
-
-    Evaluated as written, this loses all precision in float32 once ``theta`` is large,
-    because ``lgamma(theta)`` is then huge (``1.3e7`` at ``theta = 1e6``). For
-    ``theta > 10`` the lgamma difference is therefore expanded with Stirling's series,
-    which cancels the large terms analytically:
-
-    ``log p(x) = (theta + x - 1/2) * log1p(x / theta) - x + S(theta + x) - S(theta)
-    - lgamma(x + 1) - (theta + x) * log1p(mu / theta) + x * log(mu)``,
-
-    with ``S(y) = 1 / (12 y) - 1 / (360 y^3) + 1 / (1260 y^5) - 1 / (1680 y^7)`` (the
-    tail of Stirling's series for ``lgamma``). The gradient is computed by hand with the
-    value (see the module docstring), and is as accurate as the value; parameters that
-    are broadcast (a per-gene ``theta`` against ``(cells, genes)`` counts) get their
-    gradient summed over the broadcast dimensions.
-
-    Parameters
-    ----------
-    x
-        Observed counts (non-negative integers, stored as floats or integers).
-    mu
-        Mean, ``mu >= 0``. At ``mu = 0`` the result is ``0`` for ``x = 0`` and ``-inf``
-        for ``x > 0`` (with a zero gradient there).
-    theta
-        Inverse dispersion, ``theta > 0``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``log p(x)`` of the broadcast shape of the three inputs, in the floating dtype of
-        ``mu`` and ``theta``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> log_nb_positive(torch.tensor([0.0, 3.0]), torch.tensor(2.0), torch.tensor(1e6))
-    tensor([-2.0000, -1.7123])
-    >>> mu = torch.tensor([1.0, 4.0], requires_grad=True)
-    >>> log_nb_positive(torch.tensor([0.0, 2.0]), mu, torch.tensor(2.0)).sum().backward()
-    >>> mu.grad  # x / mu - (theta + x) / (theta + mu)
-    tensor([-0.6667, -0.1667])
-    """
-    return _log_count(x, mu, theta)
-
-
-def log_zinb_positive(
-    x: torch.Tensor,
-    mu: torch.Tensor | float,
-    theta: torch.Tensor | float,
-    zi_logits: torch.Tensor | float,
-) -> torch.Tensor:
-    """Elementwise log-probability of counts under a zero-inflated negative binomial.
-
-    ``log(pi + (1 - pi) p(0)) = logaddexp(zi_logits, log p(0)) - softplus(zi_logits)`` at
-    zero and ``log p(x) - softplus(zi_logits)`` elsewhere, with ``p`` the negative
-    binomial of :func:`log_nb_positive` and ``pi = sigmoid(zi_logits)``; exact for any
-    logits, with a hand-written gradient.
-
-    Parameters
-    ----------
-    x
-        Observed counts.
-    mu
-        Mean of the negative binomial component, ``mu >= 0``.
-    theta
-        Inverse dispersion, ``theta > 0``.
-    zi_logits
-        Logits of the probability of an extra zero.
-
-    Returns
-    -------
-    torch.Tensor
-        ``log p(x)`` of the broadcast shape of the inputs.
-
-    Examples
-    --------
-    >>> import torch
-    >>> log_zinb_positive(torch.tensor([0.0, 3.0]), 2.0, 1e6, torch.tensor(0.0))
-    tensor([-0.5662, -2.4055])
-    """
-    return _log_count(x, mu, theta, zi_logits)
