@@ -24,8 +24,8 @@ from pyrovi import (
 )
 from pyrovi._settings import settings
 from pyrovi._version import __version__
+from pyrovi.io.zoo import load_pretrained
 from pyrovi.models import LDVAE, SCVI, TOTALVI
-from pyrovi.zoo import load_pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -112,12 +112,13 @@ def _read_data(source: Path | str):
 
 def _model_class(name: str) -> type:
     """The pyrovi model class called ``name`` (read from a file: only known names pass)."""
-    import pyrovi
+    import pyrovi.models  # noqa: F401  (the model classes register themselves)
+    from pyrovi.io.model_classes import model_class
 
-    if name not in MODELS.values():
-        raise CommandError(f"The saved model is a {name!r}, which is not a pyrovi model class "
-                           f"({', '.join(MODELS.values())}).")
-    return getattr(pyrovi, name)
+    try:
+        return model_class(name)
+    except ValueError as error:
+        raise CommandError(f"The saved model: {error}") from None
 
 
 def _saved_model(model_dir: str) -> tuple[type, dict]:
@@ -157,7 +158,6 @@ def _refuse_existing(path: Path, overwrite: bool, what: str = "Output") -> None:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    import pyrovi
     from pyrovi.infer import checkpoint
 
     source = _data_source(args.data)
@@ -208,7 +208,7 @@ def _train(args: argparse.Namespace) -> None:
         model.train(resume_from=state["path"], max_epochs=args.max_epochs, device=args.device,
                     progress_bar=progress, checkpoint_dir=checkpoint_dir, **checkpointing)
     else:
-        cls = getattr(pyrovi, MODELS[args.model or "scvi"])
+        cls = _model_class(MODELS[args.model or "scvi"])
         setup = {"batch_key": args.batch_key, "labels_key": args.labels_key,
                  "layer": args.layer}
         if args.protein_obsm_key:

@@ -8,12 +8,14 @@ import pandas as pd
 from torch import nn
 
 from pyrovi.data import AnnDataRegistry
+from pyrovi.io.model_classes import register_model_class
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI
 from pyrovi.nn import LinearExpressionDecoder
 from pyrovi.posterior.loadings import varimax
 
 
+@register_model_class
 class LDVAE(SCVI):
     """Linearly decoded VAE: the scVI model/guide with ``rho = softmax(W z + ...)``.
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry, CellTensors, cell_totals, setup_anndata
 from pyrovi.data.registry import category_codes, counts_matrix
+from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import transfer
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi_module import SCVIModule
@@ -34,6 +35,7 @@ def library_size_priors(adata, registry: AnnDataRegistry) -> tuple[np.ndarray, n
     return means, variances
 
 
+@register_model_class
 class SCVI(BaseModel):
     """single-cell Variational Inference (Lopez et al. 2018) as a Pyro model/guide pair.
 

@@ -19,6 +19,7 @@ from pyrovi.data.multimodal import (
     resolve_modalities,
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
+from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import protein_background
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI, library_size_priors
@@ -39,6 +40,7 @@ def _obs_keys(batch_key=None, labels_key=None, size_factor_key=None,
     return {role: [k for k in ks if k] for role, ks in keys.items() if any(ks)}
 
 
+@register_model_class
 class TOTALVI(SCVI):
     """total Variational Inference (Gayoso et al. 2021): joint model of RNA and proteins.
 
