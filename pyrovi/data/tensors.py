@@ -141,7 +141,10 @@ def planned_batch_sizes(n_cells: int, batch_size: int) -> list[int]:
     if n_cells % batch_size:
         sizes.append(n_cells % batch_size)
     if len(sizes) > 1 and sizes[-1] < 2:
-        sizes[-2] += sizes.pop()
+        # Pop first: ``sizes[-2] += sizes.pop()`` would add to the first of the last two
+        # (the target index is resolved against the shortened list).
+        last = sizes.pop()
+        sizes[-1] += last
     return sizes
 
 
