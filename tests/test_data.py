@@ -217,7 +217,8 @@ def test_cpu_gather_records_nonzero_positions_and_matches_the_device_path():
     assert torch.equal(recorded.flat, expected)
     assert torch.equal(recorded.columns, expected % x.shape[1])
     assert torch.equal(recorded.values, x.reshape(-1)[expected])
-    batch = CellTensors(matrix, *[torch.zeros(4, dtype=torch.int64)] * 2, None, None, None,
+    codes = torch.zeros(4, dtype=torch.int64)
+    batch = CellTensors({"x": matrix, "batch_index": codes, "labels": codes},
                         np.ones(4, dtype=bool)).minibatch(index)
     assert batch["x_nonzero"].describe(batch["x"])
 

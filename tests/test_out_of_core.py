@@ -141,6 +141,17 @@ def test_block_shuffling_visits_every_training_cell_once_in_in_memory_batch_size
     assert min(sizes) >= 2
 
 
+@pytest.mark.parametrize("n_cells", [1, 2, 127, 128, 129, 257, 385])
+def test_one_minibatch_rule_for_every_loader(n_cells):
+    """In-memory and on-disk loaders cut an epoch by the same sizes, the merged one last."""
+    sizes = planned_batch_sizes(n_cells, 128)
+    in_memory = [b.numel() for b in shuffled_minibatches(torch.arange(n_cells), 128)]
+    assert sizes == in_memory
+    assert sum(sizes) == n_cells
+    assert n_cells < 2 or min(sizes) >= 2
+    assert sizes[:-1] == [128] * (len(sizes) - 1)
+
+
 def test_block_shuffled_order_changes_with_epoch_and_seed_and_is_reproducible(on_disk):
     _, backed = on_disk
     data = loader(backed)

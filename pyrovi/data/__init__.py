@@ -1,8 +1,24 @@
 """AnnData registration, validation, device tensors and on-disk data (``pyrovi.data``)."""
 
 from pyrovi.data.annbatch_loader import AnnbatchCellData
+from pyrovi.data.fields import (
+    BatchField,
+    CategoricalCovariatesField,
+    ContinuousCovariatesField,
+    CountsField,
+    DataField,
+    LabelsField,
+    SizeFactorField,
+    standard_fields,
+)
+from pyrovi.data.loaders import build_cell_tensors
 from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk, read_ondisk
-from pyrovi.data.proteins import check_protein_names, protein_matrix, read_protein_field
+from pyrovi.data.proteins import (
+    ProteinField,
+    check_protein_names,
+    protein_matrix,
+    read_protein_field,
+)
 from pyrovi.data.registry import (
     REGISTRY_UNS_KEY,
     AnnDataRegistry,
@@ -20,7 +36,6 @@ from pyrovi.data.tensors import (
     CellTensors,
     CountMatrix,
     as_cell_data,
-    build_cell_tensors,
     call_arguments,
 )
 from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
@@ -31,13 +46,21 @@ __all__ = [
     "AnnDataRegistry",
     "AnnbatchCellData",
     "ArrayTensors",
+    "BatchField",
+    "CategoricalCovariatesField",
     "CellData",
     "CellTensors",
+    "ContinuousCovariatesField",
     "CountDataError",
     "CountMatrix",
+    "CountsField",
+    "DataField",
+    "LabelsField",
     "OnDiskCellData",
     "OnDiskMatrix",
+    "ProteinField",
     "SetupError",
+    "SizeFactorField",
     "as_cell_data",
     "build_cell_tensors",
     "call_arguments",
@@ -51,5 +74,6 @@ __all__ = [
     "read_protein_field",
     "register_new_data",
     "setup_anndata",
+    "standard_fields",
     "validate_counts",
 ]

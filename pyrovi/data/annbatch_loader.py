@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from pyrovi.data.ondisk import _is_dense_array, _is_sparse_dataset
-from pyrovi.data.streaming import OnDiskCellData, planned_batch_sizes
-from pyrovi.data.tensors import CountMatrix, Minibatch
+from pyrovi.data.streaming import OnDiskCellData
+from pyrovi.data.tensors import CountMatrix, Minibatch, planned_batch_sizes
 
 INSTALL_HINT = "pip install annbatch"
 
@@ -146,7 +146,7 @@ class AnnbatchCellData(OnDiskCellData):
     :func:`~pyrovi.data.build_cell_tensors` for a zarr store when
     ``loader_kwargs={"loader": "annbatch"}``; worth it for zarr stores as anndata writes
     them (large chunks), which annbatch measured faster to read than pyrovi's reader (see
-    :func:`~pyrovi.data.streaming.on_disk_cell_data`).
+    :func:`~pyrovi.data.loaders.on_disk_cell_data`).
 
     An epoch of training: the chunks of ``chunk_size`` file rows that hold training cells
     are visited in random order; their training cells, in that order, are cut into buffers

@@ -8,6 +8,7 @@ model, so that new data can be checked and encoded exactly like the training dat
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,28 +16,26 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from pyrovi.data.validation import (
-    CountDataError,
-    DataChangedError,
-    check_count_fingerprint,
-    count_fingerprint,
-    validate_counts,
+from pyrovi.data.fields import (
+    DataField,
+    SetupError,
+    _require_obs_key,  # noqa: F401 - kept importable from here
+    categories_of,
+    category_codes,
+    check_names,
+    column_names,  # noqa: F401 - kept importable from here
+    continuous_values,
+    counts_matrix,
+    counts_source,  # noqa: F401 - kept importable from here
+    size_factors,
+    standard_fields,
 )
+from pyrovi.data.validation import CountDataError, DataChangedError, cell_totals
 
 logger = logging.getLogger(__name__)
 
 #: Key of ``adata.uns`` under which the registry is stored.
 REGISTRY_UNS_KEY = "_pyrovi"
-
-
-class SetupError(KeyError, ValueError):
-    """A field the model needs is missing from, or inconsistent with, the AnnData.
-
-    Subclasses both ``KeyError`` (missing keys) and ``ValueError`` (mismatched genes).
-    """
-
-    def __str__(self) -> str:  # KeyError would otherwise quote the whole message
-        return str(self.args[0])
 
 
 @dataclass
@@ -61,13 +60,10 @@ class AnnDataRegistry:
         The validation options chosen at setup.
     n_cells, n_vars
         Shape of the registered data.
-    protein_expression_obsm_key
-        ``obsm`` key of the protein counts (multi-modal models), or ``None``.
-    protein_names
-        Protein names, in column order.
-    protein_batch_mask
-        ``n_batch`` rows of ``n_proteins`` flags: ``False`` where a protein was not measured
-        in a batch (all zero there).
+    plugin_entries
+        Entries of plug-in fields (:attr:`~pyrovi.data.fields.DataField.plugins`, each
+        listing its own in ``registry_keys``), readable and settable as attributes of
+        their own name and serialized flat, as pyrovi 0.1/0.2 saved them.
     mudata_modalities
         For data set up from a MuData: which modality (and layer) each field came from.
     count_fingerprint
@@ -89,9 +85,7 @@ class AnnDataRegistry:
     drop_empty_cells: bool = False
     n_cells: int = 0
     n_vars: int = 0
-    protein_expression_obsm_key: str | None = None
-    protein_names: list[str] = field(default_factory=list)
-    protein_batch_mask: list[list[bool]] = field(default_factory=list)
+    plugin_entries: dict = field(default_factory=dict)
     mudata_modalities: dict[str, str] = field(default_factory=dict)
     count_fingerprint: dict = field(default_factory=dict)
 
@@ -111,16 +105,6 @@ class AnnDataRegistry:
         return [len(self.covariate_categories[k]) for k in self.categorical_covariate_keys]
 
     @property
-    def n_proteins(self) -> int:
-        """Number of registered proteins (0 without a protein field)."""
-        return len(self.protein_names)
-
-    @property
-    def has_proteins(self) -> bool:
-        """Whether a protein field is registered (multi-modal models)."""
-        return self.protein_expression_obsm_key is not None
-
-    @property
     def n_continuous_covariates(self) -> int:
         """Number of continuous covariates."""
         return len(self.continuous_covariate_keys)
@@ -135,13 +119,98 @@ class AnnDataRegistry:
             "n_extra_categorical_covs": len(self.categorical_covariate_keys),
             "n_extra_continuous_covs": self.n_continuous_covariates,
         }
-        if self.has_proteins:
-            summary["n_proteins"] = self.n_proteins
+        for kind in DataField.plugins:
+            summary.update(kind.summary(self))
         return summary
 
+    # -- fields ---------------------------------------------------------------------------
+
+    @property
+    def fields(self) -> list[DataField]:
+        """The registered fields, as loaders read them (counts first, plug-ins last)."""
+        found = standard_fields(self.layer, self.batch_key, self.labels_key,
+                                self.size_factor_key, self.categorical_covariate_keys,
+                                self.continuous_covariate_keys)
+        found[1].categories = self.batch_categories
+        found[2].categories = self.label_categories
+        found[3].categories = self.covariate_categories
+        plugins = (kind.from_registry(self) for kind in DataField.plugins)
+        return found + [f for f in plugins if f is not None]
+
+    def field(self, key: str) -> DataField | None:
+        """The registered field providing minibatch keyword ``key``, or ``None``."""
+        return next((f for f in self.fields if f.key == key), None)
+
+    def __getattr__(self, name):
+        # Only called when normal lookup fails: the plug-in fields' entries and derived
+        # attributes (DataField.registry_keys and DataField.derived).
+        if not name.startswith("_"):
+            entries = self.__dict__.get("plugin_entries", {})
+            for kind in DataField.plugins:
+                if name in kind.registry_keys:
+                    if name in entries:
+                        return entries[name]
+                    return copy.deepcopy(kind.registry_keys[name])
+                if name in kind.derived:
+                    return kind.derived[name](self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if any(name in kind.registry_keys for kind in DataField.plugins):
+            self.__dict__.setdefault("plugin_entries", {})[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    # -- per-cell totals (in memory only) -------------------------------------------------
+
+    def remember_totals(self, matrix, totals: np.ndarray) -> None:
+        """Keep the per-cell totals of ``matrix`` that registration computed."""
+        self.__dict__["_totals"] = (matrix, totals)
+
+    def cell_totals(self, adata) -> np.ndarray:
+        """Per-cell totals of the registered counts of ``adata`` (float64).
+
+        Those computed at registration when ``adata`` holds the same matrix object; read
+        from the counts otherwise (a registry read back from ``uns`` or a file).
+        """
+        matrix = counts_matrix(adata, self.layer)
+        remembered = self.__dict__.get("_totals")
+        if remembered is None or remembered[0] is not matrix:
+            self.remember_totals(matrix, cell_totals(matrix))
+        return self.__dict__["_totals"][1]
+
+    def library_size_priors(self, adata) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and variance of log library size (cells with counts only).
+
+        The prior of the latent library size, as in scvi-tools; float32, one entry a batch.
+        """
+        totals = self.cell_totals(adata)
+        batch = category_codes(adata, self.batch_key, self.batch_categories, "batch_key")
+        means = np.zeros(self.n_batch, dtype=np.float32)
+        variances = np.ones(self.n_batch, dtype=np.float32)
+        for b in range(self.n_batch):
+            logs = np.log(totals[(batch == b) & (totals > 0)])
+            if logs.size:
+                means[b] = logs.mean()
+                variances[b] = logs.var() if logs.size > 1 else 1.0
+        return means, variances
+
+    # -- serialized form ------------------------------------------------------------------
+
     def to_dict(self) -> dict:
-        """Plain-Python form, JSON- and h5ad-safe (``None`` entries are left out)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Plain-Python form, JSON- and h5ad-safe (``None`` entries are left out).
+
+        Plug-in entries are written flat, after ``n_vars``, where pyrovi 0.1/0.2 wrote them.
+        """
+        record = {}
+        for key, value in asdict(self).items():
+            if key == "plugin_entries":
+                for kind in DataField.plugins:
+                    for name in kind.registry_keys:
+                        record[name] = copy.deepcopy(getattr(self, name))
+            else:
+                record[key] = value
+        return {k: v for k, v in record.items() if v is not None}
 
     @classmethod
     def from_dict(cls, record) -> AnnDataRegistry:
@@ -160,12 +229,9 @@ class AnnDataRegistry:
             kwargs["covariate_categories"] = {
                 str(k): strings(v) for k, v in dict(kwargs["covariate_categories"]).items()
             }
-        if "protein_names" in kwargs:
-            kwargs["protein_names"] = strings(kwargs["protein_names"])
-        if "protein_batch_mask" in kwargs:
-            kwargs["protein_batch_mask"] = [
-                [bool(v) for v in np.asarray(row).ravel()] for row in kwargs["protein_batch_mask"]
-            ]
+        kwargs["plugin_entries"] = {}
+        for kind in DataField.plugins:
+            kwargs["plugin_entries"].update(kind.read_record(record))
         if "mudata_modalities" in kwargs:
             kwargs["mudata_modalities"] = {
                 str(k): str(v) for k, v in dict(kwargs["mudata_modalities"]).items()
@@ -194,171 +260,6 @@ def _plain_fingerprint(record) -> dict:
     return plain
 
 
-def counts_matrix(adata, layer: str | None):
-    """Return the registered count matrix (``adata.X`` or ``adata.layers[layer]``).
-
-    Raises
-    ------
-    SetupError
-        If ``layer`` is not in ``adata.layers`` (the message lists the layers there are).
-    """
-    if layer is None:
-        if adata.X is None:
-            raise SetupError("adata.X is empty; pass layer= naming the layer with raw counts.")
-        return adata.X
-    if layer not in adata.layers:
-        available = list(adata.layers.keys()) or "none"
-        raise SetupError(
-            f"Layer {layer!r} is not in adata.layers (available: {available}). "
-            "Pass the name of the layer holding raw counts, or layer=None for adata.X."
-        )
-    return adata.layers[layer]
-
-
-def counts_source(layer: str | None) -> str:
-    """How error messages name the registered count matrix."""
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-
-
-#: Largest covariate or size factor accepted: float32 holds up to 3.4e38, and a network's
-#: products and the log-library arithmetic overflow long before that.
-_LARGEST_INPUT = 1e15
-
-
-def column_names(keys, role: str) -> list[str]:
-    """``keys`` as a list of obs column names; one name alone is taken as a list of one.
-
-    Raises
-    ------
-    SetupError
-        ``keys`` is neither a column name nor a list of them.
-    """
-    if keys is None:
-        return []
-    if isinstance(keys, str):
-        return [keys]
-    try:
-        names = list(keys)
-    except TypeError:
-        raise SetupError(f"{role} must be a list of obs column names, got {keys!r}.") from None
-    if not all(isinstance(name, str) for name in names):
-        raise SetupError(f"{role} must be a list of obs column names (strings), got {names!r}.")
-    return names
-
-
-def check_names(adata) -> None:
-    """Cell and gene names must be strings (anndata's outputs and files need them).
-
-    Raises
-    ------
-    SetupError
-        For integer (or other non-string) ``obs_names`` or ``var_names``, with the fix.
-    """
-    for axis in ("obs_names", "var_names"):
-        names = getattr(adata, axis)
-        if len(names) and pd.api.types.infer_dtype(names, skipna=False) != "string":
-            raise SetupError(
-                f"adata.{axis} are not strings (dtype {names.dtype}, e.g. {str(names[0])!r}); "
-                "anndata needs string names for its outputs and files. Convert them first: "
-                f"adata.{axis} = adata.{axis}.astype(str).")
-
-
-def _require_obs_key(adata, key: str, role: str) -> pd.Series:
-    if key not in adata.obs.columns:
-        raise SetupError(
-            f"{role}={key!r} is not a column of adata.obs. Available columns: "
-            f"{list(adata.obs.columns)}."
-        )
-    column = adata.obs[key]
-    if column.isna().any():
-        raise SetupError(
-            f"adata.obs[{key!r}] has {int(column.isna().sum())} missing value(s); fill them "
-            "(e.g. with 'unknown') or remove those cells before setup."
-        )
-    return column
-
-
-def categories_of(column: pd.Series) -> list[str]:
-    """Categories present in ``column``: categorical order if categorical, else sorted."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        used = set(column.astype(str))
-        return [str(c) for c in column.cat.categories if str(c) in used]
-    return sorted(map(str, pd.unique(column)))
-
-
-def category_codes(adata, key: str | None, categories: Sequence[str], role: str) -> np.ndarray:
-    """Integer codes of ``adata.obs[key]`` under a fixed category order.
-
-    Parameters
-    ----------
-    adata
-        The AnnData.
-    key
-        ``obs`` column, or ``None`` (every cell gets code 0).
-    categories
-        Category order fixed at registration.
-    role
-        Argument name used in error messages (``"batch_key"``...).
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 codes, one per cell.
-
-    Raises
-    ------
-    SetupError
-        If the column is missing or holds a category not in ``categories``.
-    """
-    if key is None:
-        return np.zeros(adata.n_obs, dtype=np.int64)
-    column = _require_obs_key(adata, key, role).astype(str)
-    codes = pd.Categorical(column, categories=list(categories)).codes.astype(np.int64)
-    if (codes < 0).any():
-        unknown = sorted(set(column[codes < 0]))
-        raise SetupError(
-            f"adata.obs[{key!r}] has categories the model was not set up with: {unknown[:10]} "
-            f"(known: {list(categories)[:20]}). Map them to known categories, or use "
-            "load_query_data to extend the model to new categories."
-        )
-    return codes
-
-
-def continuous_values(adata, keys: Sequence[str], role: str) -> np.ndarray:
-    """Stack numeric ``obs`` columns into a float32 matrix, checking they are finite."""
-    columns = []
-    for key in keys:
-        column = _require_obs_key(adata, key, role)
-        if not pd.api.types.is_numeric_dtype(column):
-            raise SetupError(
-                f"adata.obs[{key!r}] is not numeric (dtype {column.dtype}); continuous covariates "
-                "must be numbers. Register it with categorical_covariate_keys instead."
-            )
-        values = column.to_numpy(dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise SetupError(f"adata.obs[{key!r}] has NaN or infinite values; fix them first.")
-        largest = float(np.abs(values).max()) if values.size else 0.0
-        if largest > _LARGEST_INPUT:
-            raise SetupError(
-                f"adata.obs[{key!r}] holds values up to {largest:.3g}, beyond what the model's "
-                f"float32 arithmetic can use (|value| <= {_LARGEST_INPUT:.0e}): rescale or "
-                "log-transform it first.")
-        columns.append(values)
-    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((adata.n_obs, 0),
-                                                                             np.float32)
-
-
-def size_factors(adata, key: str) -> np.ndarray:
-    """Read and check a strictly positive size factor per cell from ``adata.obs[key]``."""
-    values = continuous_values(adata, [key], "size_factor_key")[:, 0]
-    if (values <= 0).any():
-        raise SetupError(
-            f"adata.obs[{key!r}] has {int((values <= 0).sum())} non-positive size factor(s); "
-            "size factors must be > 0."
-        )
-    return values
-
-
 def setup_anndata(
     adata,
     *,
@@ -371,6 +272,7 @@ def setup_anndata(
     continuous_covariate_keys: Sequence[str] | None = None,
     allow_non_integer: bool = False,
     drop_empty_cells: bool = False,
+    fields: Sequence[DataField] | None = None,
 ) -> AnnDataRegistry:
     """Validate an AnnData and record how a model reads it.
 
@@ -395,63 +297,26 @@ def setup_anndata(
         Accept non-integer values.
     drop_empty_cells
         Leave cells with zero total counts out of training instead of raising an error.
+    fields
+        The fields the model reads, registered in this order (counts first); default
+        :func:`~pyrovi.data.fields.standard_fields` of the keys above, which are then
+        ignored.
 
     Returns
     -------
     AnnDataRegistry
         The registry that was stored.
     """
-    categorical_covariate_keys = column_names(categorical_covariate_keys,
-                                              "categorical_covariate_keys")
-    continuous_covariate_keys = column_names(continuous_covariate_keys,
-                                             "continuous_covariate_keys")
+    if fields is None:
+        fields = standard_fields(layer, batch_key, labels_key, size_factor_key,
+                                 categorical_covariate_keys, continuous_covariate_keys)
     check_names(adata)
-    matrix = counts_matrix(adata, layer)
-    if adata.n_vars == 0:
-        raise SetupError(f"{counts_source(layer)} has no genes (0 columns); set up an AnnData "
-                         "with the genes to model.")
-    totals = validate_counts(
-        matrix,
-        source=counts_source(layer),
-        obs_names=adata.obs_names,
-        var_names=adata.var_names,
-        allow_non_integer=allow_non_integer,
-        allow_empty_cells=drop_empty_cells,
-    )
-    if not adata.var_names.is_unique:
-        duplicated = list(adata.var_names[adata.var_names.duplicated()][:5])
-        raise SetupError(
-            f"adata.var_names are not unique (e.g. {duplicated}); "
-            "call adata.var_names_make_unique()."
-        )
+    registry = AnnDataRegistry(model_name=model_name, allow_non_integer=allow_non_integer,
+                               drop_empty_cells=drop_empty_cells)
+    for data_field in fields:
+        data_field.register(adata, registry)
 
-    def categories(key, role):
-        return categories_of(_require_obs_key(adata, key, role)) if key else ["0"]
-
-    registry = AnnDataRegistry(
-        model_name=model_name,
-        layer=layer,
-        batch_key=batch_key,
-        labels_key=labels_key,
-        size_factor_key=size_factor_key,
-        categorical_covariate_keys=categorical_covariate_keys,
-        continuous_covariate_keys=continuous_covariate_keys,
-        batch_categories=categories(batch_key, "batch_key"),
-        label_categories=categories(labels_key, "labels_key"),
-        covariate_categories={
-            k: categories(k, "categorical_covariate_keys") for k in categorical_covariate_keys
-        },
-        allow_non_integer=allow_non_integer,
-        drop_empty_cells=drop_empty_cells,
-        n_cells=adata.n_obs,
-        n_vars=adata.n_vars,
-        count_fingerprint=count_fingerprint(matrix),
-    )
-    continuous_values(adata, continuous_covariate_keys, "continuous_covariate_keys")
-    if size_factor_key is not None:
-        size_factors(adata, size_factor_key)
-
-    n_empty = int((totals == 0).sum())
+    n_empty = int((registry.cell_totals(adata) == 0).sum())
     if n_empty:
         logger.warning("%d cell(s) with zero total counts will be left out of training.", n_empty)
     adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
@@ -533,29 +398,9 @@ def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str
         The reference registry with ``n_cells`` of the new data.
     """
     check_var_names(var_names, adata)
-    matrix = counts_matrix(adata, reference.layer)
-    validate_counts(
-        matrix,
-        source=counts_source(reference.layer),
-        obs_names=adata.obs_names,
-        var_names=adata.var_names,
-        allow_non_integer=reference.allow_non_integer,
-        allow_empty_cells=True,
-    )
-    category_codes(adata, reference.batch_key, reference.batch_categories, "batch_key")
-    if reference.labels_key is not None and reference.labels_key in adata.obs.columns:
-        category_codes(adata, reference.labels_key, reference.label_categories, "labels_key")
-    for key in reference.categorical_covariate_keys:
-        category_codes(
-            adata, key, reference.covariate_categories[key], "categorical_covariate_keys"
-        )
-    continuous_values(adata, reference.continuous_covariate_keys, "continuous_covariate_keys")
-    if reference.protein_expression_obsm_key is not None:
-        from pyrovi.data.proteins import check_protein_names  # proteins imports this module
-
-        check_protein_names(reference, adata)
-    registry = AnnDataRegistry.from_dict({**reference.to_dict(), "n_cells": adata.n_obs,
-                                          "count_fingerprint": count_fingerprint(matrix)})
+    registry = AnnDataRegistry.from_dict(reference.to_dict())
+    for data_field in reference.fields:
+        data_field.check(adata, registry)
     if store:
         adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
     return registry
@@ -567,11 +412,7 @@ def check_registered_data(registry: AnnDataRegistry, adata) -> None:
     Reads a few dozen rows (see :func:`~pyrovi.data.validation.count_fingerprint`), so it is
     cheap before every training run and output.
     """
-    if not registry.count_fingerprint:  # registered by pyrovi 0.1.0
-        return
-    check_count_fingerprint(counts_matrix(adata, registry.layer), registry.count_fingerprint,
-                            counts_source(registry.layer),
-                            f"{registry.model_name}.setup_anndata(adata, ...)")
+    registry.fields[0].check_unchanged(adata, registry)
 
 
 __all__ = [

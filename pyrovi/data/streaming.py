@@ -16,7 +16,8 @@ validation read the requested cells in order, a minibatch at a time.
 
 For a zarr store, ``loader_kwargs={"loader": "annbatch"}`` gives
 :class:`~pyrovi.data.annbatch_loader.AnnbatchCellData` instead: the same contract, with the
-reads done by annbatch (an optional dependency); see :func:`on_disk_cell_data`.
+reads done by annbatch (an optional dependency); see
+:func:`~pyrovi.data.loaders.on_disk_cell_data`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ import torch
 from pyrovi._nonzero_positions import NonzeroPositions
 from pyrovi.data.csr import gather_csr_rows
 from pyrovi.data.ondisk import OnDiskMatrix
-from pyrovi.data.tensors import NONZERO_FIELD, CellData, CountMatrix, Minibatch
+from pyrovi.data.tensors import (
+    NONZERO_FIELD,
+    CellData,
+    CountMatrix,
+    Minibatch,
+    gather_rows,
+    planned_batch_sizes,  # noqa: F401 - the splitter moved to tensors; importable here too
+)
 from pyrovi.data.validation import cell_totals, informative_cells
 
 logger = logging.getLogger(__name__)
@@ -40,22 +48,8 @@ logger = logging.getLogger(__name__)
 #: Options of the on-disk loaders, as ``train(loader_kwargs=...)`` takes them.
 LOADER_OPTIONS = ("loader", "chunk_size", "n_chunks_in_buffer")
 
-#: Values of the ``loader`` option (see :func:`on_disk_cell_data`).
+#: Values of the ``loader`` option (see :func:`~pyrovi.data.loaders.on_disk_cell_data`).
 LOADERS = ("pyrovi", "annbatch")
-
-
-def planned_batch_sizes(n_cells: int, batch_size: int) -> list[int]:
-    """Minibatch sizes of an epoch, as in-memory shuffling cuts it.
-
-    ``batch_size`` cells each and the rest last, where a last minibatch of one cell joins
-    the previous one (batch norm cannot normalise one cell).
-    """
-    sizes = [batch_size] * (n_cells // batch_size)
-    if n_cells % batch_size:
-        sizes.append(n_cells % batch_size)
-    if len(sizes) > 1 and sizes[-1] < 2:
-        sizes[-2] += sizes.pop()
-    return sizes
 
 
 def dense_rows(block, device: torch.device) -> tuple[torch.Tensor, NonzeroPositions | None]:
@@ -96,7 +90,8 @@ class OnDiskCellData(CellData):
     matrix
         The count matrix on disk (see :class:`~pyrovi.data.ondisk.OnDiskMatrix`).
     fields
-        Per-cell fields on ``device`` (:func:`~pyrovi.data.tensors.cell_fields`), already
+        The other registered fields on ``device``, ``{minibatch keyword: tensor,
+        CountMatrix or None}`` (:func:`~pyrovi.data.loaders.cell_fields`), already
         restricted to ``indices``.
     device
         Where minibatches go.
@@ -140,9 +135,7 @@ class OnDiskCellData(CellData):
         self.counts = OnDiskMatrix.of(matrix)
         self._device = torch.device(device)
         self.rows = None if indices is None else np.asarray(indices, dtype=np.int64)
-        fields = dict(fields)
-        self.protein: CountMatrix | None = fields.pop("protein", None)
-        self.fields: dict[str, torch.Tensor | None] = fields
+        self.fields: dict[str, torch.Tensor | CountMatrix | None] = dict(fields)
         self.chunk_size = int(chunk_size)
         self.n_chunks_in_buffer = int(n_chunks_in_buffer)
         self.peak_rows_held = 0
@@ -180,10 +173,7 @@ class OnDiskCellData(CellData):
     def _batch(self, index: torch.Tensor, block) -> dict[str, torch.Tensor | None]:
         x, x_nonzero = dense_rows(block, self._device)
         batch = {"x": x, NONZERO_FIELD: x_nonzero}
-        batch.update({name: None if value is None else value.index_select(0, index)
-                      for name, value in self.fields.items()})
-        if self.protein is not None:
-            batch["y"] = self.protein.gather(index)
+        batch.update({name: gather_rows(value, index) for name, value in self.fields.items()})
         return batch
 
     def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -267,51 +257,3 @@ class OnDiskCellData(CellData):
             del pool
         if next_size != len(sizes):  # pragma: no cover - the sizes add up to the cells
             raise AssertionError("block shuffling lost cells")
-
-
-def on_disk_cell_data(
-    matrix,
-    fields: Mapping[str, torch.Tensor | CountMatrix | None],
-    device: torch.device | str = "cpu",
-    indices=None,
-    loader: str = "pyrovi",
-    **options,
-) -> OnDiskCellData:
-    """The loader of a count matrix left on disk, as ``loader_kwargs`` choose it.
-
-    Parameters
-    ----------
-    matrix, fields, device, indices
-        As for :class:`OnDiskCellData`.
-    loader
-        ``"pyrovi"`` (the default): :class:`OnDiskCellData`, for any h5ad file or zarr
-        store. ``"annbatch"``: :class:`~pyrovi.data.annbatch_loader.AnnbatchCellData`, the
-        reads done by annbatch (zarr stores only; an error for an h5ad file or when
-        annbatch is not installed).
-    **options
-        ``chunk_size`` and ``n_chunks_in_buffer``, for either loader.
-
-    Returns
-    -------
-    OnDiskCellData
-        Or its subclass :class:`~pyrovi.data.annbatch_loader.AnnbatchCellData`.
-
-    Notes
-    -----
-    Measured with ``benchmarks/out_of_core.py`` (the "Out-of-core training" section of
-    ``benchmarks/RESULTS.md``, SCVI on 100,000 and 300,000 cells, the same files for both):
-    annbatch read zarr stores as anndata writes them (large Zstandard chunks) with 12-46%
-    more minibatches per CPU-second, for 6-7% shorter epochs; from annbatch's own sharded
-    layout it was no faster (-20% to +20% over three runs, epochs from 11% shorter to 17%
-    longer); and it always held 30-100 MB more (it keeps the previous buffer while it
-    fetches the next). h5ad files, which annbatch cannot read, are the cheapest to read
-    (3-5 times less CPU than either zarr layout; training from them takes about the time
-    it takes in memory). Hence pyrovi's reader by default and annbatch on request.
-    """
-    if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}.")
-    if loader == "annbatch":
-        from pyrovi.data.annbatch_loader import AnnbatchCellData  # it imports this module
-
-        return AnnbatchCellData(matrix, fields, device, indices, **options)
-    return OnDiskCellData(matrix, fields, device, indices, **options)

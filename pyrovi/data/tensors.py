@@ -7,8 +7,10 @@ Sparse input stays sparse on the device (CSR arrays); only the gathered minibatc
 Every kind of per-cell data is a :class:`CellData`: the training loop asks it for an epoch of
 shuffled minibatches (:meth:`CellData.training_batches`) and the posterior utilities for the
 cells in order (:meth:`CellData.iter_minibatches`). Counts left on disk (a backed AnnData) get
-:class:`~pyrovi.data.streaming.OnDiskCellData` from :func:`build_cell_tensors`, which reads
-them a block at a time behind the same two methods.
+:class:`~pyrovi.data.streaming.OnDiskCellData` from
+:func:`~pyrovi.data.loaders.build_cell_tensors`, which reads them a block at a time behind
+the same two methods. This module is the bottom of the loaders: the on-disk loaders build on
+it, and :mod:`pyrovi.data.loaders` chooses between them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,20 +27,10 @@ import torch
 
 from pyrovi._nonzero_positions import NonzeroPositions
 from pyrovi.data.csr import gather_csr_rows
-from pyrovi.data.ondisk import is_on_disk
-from pyrovi.data.proteins import protein_matrix
-from pyrovi.data.registry import (
-    AnnDataRegistry,
-    category_codes,
-    continuous_values,
-    counts_matrix,
-    size_factors,
-)
-from pyrovi.data.validation import cell_totals, informative_cells
 
 #: What a loader yields: the cells' positions (on the data's device) and the keyword
 #: arguments of a model/guide call for them.
-Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | NonzeroPositions | None]]
+Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
 
 #: Minibatch field holding the non-zero positions of the counts ``x``
 #: (:class:`~pyrovi._nonzero_positions.NonzeroPositions`) when the loader densified them
@@ -48,6 +39,7 @@ Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | NonzeroPositions | None
 #: training loop and the posterior utilities leave it out for a model or guide without
 #: that argument (:func:`call_arguments`).
 NONZERO_FIELD = "x_nonzero"
+
 
 
 def _shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -143,13 +135,30 @@ class CountMatrix:
         return gather_csr_rows(self.indptr, self.indices, self.data, self.shape[1], index)
 
 
+def planned_batch_sizes(n_cells: int, batch_size: int) -> list[int]:
+    """Minibatch sizes of an epoch of ``n_cells``: the one rule every loader cuts by.
+
+    ``batch_size`` cells each and the rest last, where a last minibatch of one cell joins
+    the previous one (batch norm cannot normalise one cell).
+    """
+    sizes = [batch_size] * (n_cells // batch_size)
+    if n_cells % batch_size:
+        sizes.append(n_cells % batch_size)
+    if len(sizes) > 1 and sizes[-1] < 2:
+        # Pop first: ``sizes[-2] += sizes.pop()`` would add to the first of the last two
+        # (the target index is resolved against the shortened list).
+        last = sizes.pop()
+        sizes[-1] += last
+    return sizes
+
+
 def shuffled_minibatches(
     index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
     """Shuffle ``index`` (on its device) and cut it into minibatches.
 
-    A last minibatch of a single cell is merged into the previous one: batch norm cannot
-    normalise one cell.
+    The sizes are :func:`planned_batch_sizes` (a last minibatch of a single cell is merged
+    into the previous one: batch norm cannot normalise one cell).
 
     Parameters
     ----------
@@ -162,17 +171,14 @@ def shuffled_minibatches(
         ``train(seed=)`` seeds).
     """
     permuted = index[torch.randperm(index.numel(), device=index.device, generator=generator)]
-    batches = list(torch.split(permuted, batch_size))
-    if len(batches) > 1 and batches[-1].numel() < 2:
-        batches[-2] = torch.cat(batches[-2:])
-        batches.pop()
-    return batches
+    sizes = planned_batch_sizes(index.numel(), batch_size)
+    return list(torch.split(permuted, sizes if sizes else batch_size))
 
 
 class CellData(ABC):
     """Per-cell data the training loop and the posterior utilities read (the loader interface).
 
-    Subclasses hold the cells on a device (:class:`CellTensors`, :class:`ArrayTensors`) or
+    Subclasses hold the cells on a device (:class:`ArrayTensors`, :class:`CellTensors`) or
     on disk (:class:`~pyrovi.data.streaming.OnDiskCellData`) and provide ``n_obs``,
     ``device`` and :meth:`minibatch`; the two loaders below default to index gathers.
     """
@@ -217,74 +223,30 @@ class CellData(ABC):
             yield chunk, self.minibatch(chunk)
 
 
-@dataclass
-class CellTensors(CellData):
-    """All registered per-cell data of one AnnData on one device.
+def per_cell_tensor(value, device: torch.device) -> torch.Tensor | CountMatrix | None:
+    """A per-cell array on ``device``, as every loader holds it.
 
-    Attributes
-    ----------
-    counts
-        The count matrix.
-    batch_index, labels
-        int64 codes, shape ``(n_cells,)``.
-    cat_covs
-        int64 codes, shape ``(n_cells, n_categorical_covariates)`` or ``None``.
-    cont_covs
-        float32, shape ``(n_cells, n_continuous_covariates)`` or ``None``.
-    size_factor
-        float32 positive size factors, shape ``(n_cells,)``, or ``None``.
-    informative
-        Boolean mask of cells with at least one count, shape ``(n_cells,)`` (numpy).
-    protein
-        Protein counts (multi-modal data), or ``None``.
+    ``None`` and :class:`CountMatrix` stay as they are, scipy sparse matrices become a
+    :class:`CountMatrix`, torch tensors keep their dtype, floating-point numpy arrays become
+    float32 and integer ones int64.
     """
+    if value is None or isinstance(value, CountMatrix):
+        return value
+    if sp.issparse(value):
+        return CountMatrix(value, device)
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    array = np.asarray(value)
+    dtype = (torch.float32 if np.issubdtype(array.dtype, np.floating)
+             else torch.int64 if np.issubdtype(array.dtype, np.integer) else None)
+    return torch.as_tensor(array, dtype=dtype, device=device)
 
-    counts: CountMatrix
-    batch_index: torch.Tensor
-    labels: torch.Tensor
-    cat_covs: torch.Tensor | None
-    cont_covs: torch.Tensor | None
-    size_factor: torch.Tensor | None
-    informative: np.ndarray
-    protein: CountMatrix | None = None
 
-    @property
-    def n_obs(self) -> int:
-        """Number of cells."""
-        return self.counts.n_obs
-
-    @property
-    def device(self) -> torch.device:
-        """The device holding the tensors."""
-        return self.counts.device
-
-    def minibatch(self, index: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments of a model/guide call for cells ``index``.
-
-        Returns
-        -------
-        dict
-            ``x``, ``x_nonzero`` (:data:`NONZERO_FIELD`), ``batch_index``, ``labels``,
-            ``cat_covs``, ``cont_covs``, ``size_factor``, and ``y`` (protein counts) for
-            multi-modal data.
-        """
-
-        def rows(t):
-            return None if t is None else t.index_select(0, index)
-
-        x, x_nonzero = self.counts.gather_with_nonzero(index)
-        batch = {
-            "x": x,
-            NONZERO_FIELD: x_nonzero,
-            "batch_index": rows(self.batch_index),
-            "labels": rows(self.labels),
-            "cat_covs": rows(self.cat_covs),
-            "cont_covs": rows(self.cont_covs),
-            "size_factor": rows(self.size_factor),
-        }
-        if self.protein is not None:
-            batch["y"] = self.protein.gather(index)
-        return batch
+def gather_rows(value, index: torch.Tensor) -> torch.Tensor | None:
+    """Rows ``index`` of a per-cell value held by :func:`per_cell_tensor`."""
+    if value is None:
+        return None
+    return value.gather(index) if isinstance(value, CountMatrix) else value.index_select(0, index)
 
 
 class ArrayTensors(CellData):
@@ -318,19 +280,8 @@ class ArrayTensors(CellData):
             device = next((v.device for v in arrays.values() if isinstance(v, torch.Tensor)),
                           "cpu")
         self._device = torch.device(device)
-        self.arrays: dict[str, torch.Tensor | CountMatrix | None] = {}
-        for name, value in arrays.items():
-            if value is None or isinstance(value, CountMatrix):
-                self.arrays[name] = value
-            elif sp.issparse(value):
-                self.arrays[name] = CountMatrix(value, self._device)
-            elif isinstance(value, torch.Tensor):
-                self.arrays[name] = value.to(self._device)
-            else:
-                array = np.asarray(value)
-                dtype = (torch.float32 if np.issubdtype(array.dtype, np.floating)
-                         else torch.int64 if np.issubdtype(array.dtype, np.integer) else None)
-                self.arrays[name] = torch.as_tensor(array, dtype=dtype, device=self._device)
+        self.arrays = {name: per_cell_tensor(value, self._device)
+                       for name, value in arrays.items()}
         n_cells = {v.shape[0] for v in self.arrays.values() if v is not None}
         if len(n_cells) != 1:
             raise ValueError(
@@ -357,15 +308,57 @@ class ArrayTensors(CellData):
         """
         batch = {}
         for name, value in self.arrays.items():
-            if value is None:
-                batch[name] = None
-            elif isinstance(value, CountMatrix):
+            if isinstance(value, CountMatrix):
                 batch[name], nonzero = value.gather_with_nonzero(index)
                 if name == "x" and value.is_sparse and NONZERO_FIELD not in self.arrays:
                     batch[NONZERO_FIELD] = nonzero
             else:
-                batch[name] = value.index_select(0, index)
+                batch[name] = gather_rows(value, index)
         return batch
+
+
+class CellTensors(ArrayTensors):
+    """The registered fields of one AnnData on one device, gathered into minibatches.
+
+    Built by :func:`~pyrovi.data.loaders.build_cell_tensors`: one per-cell array for each
+    field the model declared, under its minibatch keyword (``x``, ``batch_index``,
+    ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor``, and those of plug-in fields).
+
+    Parameters
+    ----------
+    arrays
+        ``{minibatch keyword: per-cell array}``, as for :class:`ArrayTensors`; count-like
+        fields as :class:`CountMatrix`.
+    informative
+        Boolean mask of cells with at least one count, shape ``(n_cells,)`` (numpy).
+    device
+        Where the tensors live.
+
+    Attributes
+    ----------
+    counts
+        The count matrix (the ``x`` field).
+    informative
+        As above.
+
+    Each field is also an attribute of its keyword (``data.batch_index``...).
+    """
+
+    def __init__(self, arrays: Mapping[str, object], informative: np.ndarray,
+                 device: torch.device | str = "cpu"):
+        super().__init__(arrays, device)
+        self.informative = informative
+
+    @property
+    def counts(self) -> CountMatrix:
+        """The count matrix (field ``x``)."""
+        return self.arrays["x"]
+
+    def __getattr__(self, name):
+        arrays = self.__dict__.get("arrays", {})
+        if name in arrays:
+            return arrays[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 @functools.cache
@@ -424,125 +417,4 @@ def as_cell_data(data, device: torch.device | str | None = None) -> CellData:
     raise TypeError(
         "data must be pyrovi CellTensors, ArrayTensors or a mapping {argument name: per-cell "
         f"array}}, got {type(data).__name__}."
-    )
-
-
-def cell_fields(adata, registry: AnnDataRegistry, device: torch.device | str = "cpu",
-                indices=None) -> dict[str, torch.Tensor | CountMatrix | None]:
-    """The registered per-cell fields of ``adata`` other than the counts, on ``device``.
-
-    Parameters
-    ----------
-    adata
-        AnnData registered with ``registry``.
-    registry
-        The registry describing which fields to read.
-    device
-        Target device.
-    indices
-        Only these cells (in this order); all cells when ``None``. The fields are read for
-        every cell and then subset, so that ``adata`` itself is never sliced (a slice of a
-        backed AnnData would read its counts).
-
-    Returns
-    -------
-    dict
-        ``batch_index``, ``labels``, ``cat_covs``, ``cont_covs``, ``size_factor`` (tensors or
-        ``None``) and ``protein`` (:class:`CountMatrix` or ``None``).
-    """
-    device = torch.device(device)
-    rows = slice(None) if indices is None else np.asarray(indices)
-
-    def as_tensor(array, dtype):
-        return torch.as_tensor(np.ascontiguousarray(array[rows]), dtype=dtype, device=device)
-
-    batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
-    labels_key = registry.labels_key if registry.labels_key in adata.obs.columns else None
-    labels = category_codes(adata, labels_key, registry.label_categories, "labels_key")
-    cat_covs = None
-    if registry.categorical_covariate_keys:
-        cat_covs = as_tensor(
-            np.stack(
-                [
-                    category_codes(adata, k, registry.covariate_categories[k],
-                                   "categorical_covariate_keys")
-                    for k in registry.categorical_covariate_keys
-                ],
-                axis=1,
-            ),
-            torch.int64,
-        )
-    cont_covs = None
-    if registry.continuous_covariate_keys:
-        cont_covs = as_tensor(
-            continuous_values(adata, registry.continuous_covariate_keys,
-                              "continuous_covariate_keys"),
-            torch.float32,
-        )
-    size_factor = None
-    if registry.size_factor_key is not None:
-        size_factor = as_tensor(size_factors(adata, registry.size_factor_key), torch.float32)
-    protein = None
-    if registry.has_proteins:
-        protein = CountMatrix(
-            protein_matrix(adata, registry.protein_expression_obsm_key)[rows], device)
-    return {
-        "batch_index": as_tensor(batch, torch.int64),
-        "labels": as_tensor(labels, torch.int64),
-        "cat_covs": cat_covs,
-        "cont_covs": cont_covs,
-        "size_factor": size_factor,
-        "protein": protein,
-    }
-
-
-def build_cell_tensors(
-    adata,
-    registry: AnnDataRegistry,
-    device: torch.device | str = "cpu",
-    indices=None,
-    loader_kwargs: Mapping | None = None,
-) -> CellData:
-    """The registered data of ``adata`` on ``device``: moved there once, or left on disk.
-
-    Parameters
-    ----------
-    adata
-        AnnData registered with ``registry``.
-    registry
-        The registry describing which fields to read.
-    device
-        Target device.
-    indices
-        Only these cells (in this order); all cells when ``None``.
-    loader_kwargs
-        Options of the on-disk loader (``loader``, ``chunk_size``, ``n_chunks_in_buffer``,
-        see :func:`~pyrovi.data.streaming.on_disk_cell_data`); no effect on data in memory.
-
-    Returns
-    -------
-    CellTensors or OnDiskCellData
-        :class:`CellTensors` when the counts are in memory; when they are on disk (a backed
-        AnnData, see :func:`~pyrovi.data.read_ondisk`), an
-        :class:`~pyrovi.data.streaming.OnDiskCellData` that reads them a block at a time.
-    """
-    matrix = counts_matrix(adata, registry.layer)
-    if is_on_disk(matrix):
-        from pyrovi.data.streaming import on_disk_cell_data  # streaming imports this module
-
-        if indices is not None:
-            indices = np.asarray(indices)
-            if indices.dtype == bool:
-                indices = np.flatnonzero(indices)
-        return on_disk_cell_data(matrix, cell_fields(adata, registry, device, indices),
-                                 device, indices, **(loader_kwargs or {}))
-    if indices is not None:
-        indices = np.asarray(indices)
-        adata = adata[indices]
-        matrix = counts_matrix(adata, registry.layer)
-    fields = cell_fields(adata, registry, device)
-    return CellTensors(
-        counts=CountMatrix(matrix, device),
-        informative=informative_cells(cell_totals(matrix), adata.obs_names),
-        **fields,
     )

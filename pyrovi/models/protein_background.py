@@ -22,10 +22,15 @@ import scipy.sparse as sp
 
 from pyrovi._gaussian_mixture import fit_gaussian_mixture_1d
 
-logger = logging.getLogger(__name__)
+# The measured-protein mask is computed when the protein field is registered; it stays
+# importable from here.
+from pyrovi.data.proteins import (  # noqa: F401
+    _as_matrix,
+    _check_batch_codes,
+    missing_protein_mask,
+)
 
-# Rows turned dense at a time when scanning a dense matrix for non-zeros.
-_DENSE_CHUNK_ROWS = 8192
+logger = logging.getLogger(__name__)
 
 #: Scale of the fallback priors. When a column cannot be split into background and
 #: foreground (too few cells, a single distinct value, or a failed fit), its mean mixes
@@ -68,92 +73,11 @@ def default_protein_background_prior(
     return np.zeros(shape, dtype=np.float32), np.ones(shape, dtype=np.float32)
 
 
-def _check_batch_codes(batch_codes, n_cells: int, n_batch: int) -> np.ndarray:
-    """Return ``batch_codes`` as an int vector after checking its length and range."""
-    codes = np.asarray(batch_codes).ravel()
-    if codes.shape[0] != n_cells:
-        raise ValueError(
-            f"batch_codes has {codes.shape[0]} entries but the protein matrix has "
-            f"{n_cells} cells."
-        )
-    if n_batch < 1:
-        raise ValueError(f"n_batch must be >= 1, got {n_batch}.")
-    if codes.size and not np.issubdtype(codes.dtype, np.integer):
-        if not np.all(codes == np.round(codes)):
-            raise ValueError("batch_codes must be integer codes.")
-    codes = codes.astype(np.int64)
-    if codes.size and (codes.min() < 0 or codes.max() >= n_batch):
-        raise ValueError(
-            f"batch_codes must lie in 0..{n_batch - 1}, got values in "
-            f"{codes.min()}..{codes.max()}."
-        )
-    return codes
-
-
-def _as_matrix(protein_counts):
-    """CSC matrix for sparse input (fast column access), a 2-d ndarray otherwise."""
-    if sp.issparse(protein_counts):
-        return sp.csc_matrix(protein_counts)
-    if hasattr(protein_counts, "to_numpy"):  # pandas DataFrame in adata.obsm
-        protein_counts = protein_counts.to_numpy()
-    matrix = np.asarray(protein_counts)
-    if matrix.ndim != 2:
-        raise ValueError(f"protein_counts must be 2-d (cells × proteins), got {matrix.shape}.")
-    return matrix
-
-
 def _column(matrix, j: int) -> np.ndarray:
     """Column ``j`` as a float64 vector."""
     if sp.issparse(matrix):
         return np.asarray(matrix[:, j].toarray(), dtype=np.float64).ravel()
     return np.asarray(matrix[:, j], dtype=np.float64).ravel()
-
-
-def missing_protein_mask(protein_counts, batch_codes: np.ndarray, n_batch: int) -> np.ndarray:
-    """Which proteins are measured in which batch.
-
-    A protein whose counts are all zero among the cells of a batch is taken as not measured
-    there (the usual encoding of a protein absent from that batch's antibody panel).
-
-    Parameters
-    ----------
-    protein_counts
-        Protein counts, cells × proteins, numpy array or scipy sparse matrix.
-    batch_codes
-        Integer batch code of each cell, in ``0..n_batch-1``.
-    n_batch
-        Number of batches.
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean array of shape ``(n_batch, n_proteins)``, True where the protein has at
-        least one non-zero count in the batch. Batches without cells are all True (nothing
-        says that a protein is missing there).
-
-    Examples
-    --------
-    >>> counts = np.array([[1, 0], [2, 0], [0, 3], [1, 1]])
-    >>> missing_protein_mask(counts, np.array([0, 0, 1, 1]), 3).tolist()
-    [[True, False], [True, True], [True, True]]
-    """
-    matrix = _as_matrix(protein_counts)
-    n_cells, n_proteins = matrix.shape
-    codes = _check_batch_codes(batch_codes, n_cells, n_batch)
-    # indicator[s, n] = 1 if cell n is in batch s; indicator @ (X != 0) counts non-zeros.
-    indicator = sp.csr_matrix(
-        (np.ones(n_cells), (codes, np.arange(n_cells))), shape=(n_batch, n_cells))
-    if sp.issparse(matrix):
-        nonzero = (matrix != 0).astype(np.float64)
-        per_batch = np.asarray((indicator @ nonzero).todense())
-    else:
-        per_batch = np.zeros((n_batch, n_proteins))
-        for start in range(0, n_cells, _DENSE_CHUNK_ROWS):
-            block = np.asarray(matrix[start : start + _DENSE_CHUNK_ROWS]) != 0
-            per_batch += indicator[:, start : start + block.shape[0]] @ block.astype(np.float64)
-    mask = per_batch > 0
-    mask[np.bincount(codes, minlength=n_batch) == 0] = True
-    return mask
 
 
 def _fallback_mean(values: np.ndarray) -> float:

@@ -9,8 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pyrovi.data import AnnDataRegistry, CellTensors, cell_totals, setup_anndata
-from pyrovi.data.registry import category_codes, counts_matrix
+from pyrovi.data import AnnDataRegistry, CellTensors, setup_anndata, standard_fields
 from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import transfer
 from pyrovi.models.base import BaseModel
@@ -21,18 +20,11 @@ from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
 def library_size_priors(adata, registry: AnnDataRegistry) -> tuple[np.ndarray, np.ndarray]:
     """Per-batch mean and variance of log library size (cells with counts only).
 
-    Used as the prior of the latent library size, as in scvi-tools.
+    Used as the prior of the latent library size, as in scvi-tools; see
+    :meth:`~pyrovi.data.AnnDataRegistry.library_size_priors`, which reuses the per-cell
+    totals registration computed.
     """
-    totals = cell_totals(counts_matrix(adata, registry.layer))
-    batch = category_codes(adata, registry.batch_key, registry.batch_categories, "batch_key")
-    means = np.zeros(registry.n_batch, dtype=np.float32)
-    variances = np.ones(registry.n_batch, dtype=np.float32)
-    for b in range(registry.n_batch):
-        logs = np.log(totals[(batch == b) & (totals > 0)])
-        if logs.size:
-            means[b] = logs.mean()
-            variances[b] = logs.var() if logs.size > 1 else 1.0
-    return means, variances
+    return registry.library_size_priors(adata)
 
 
 @register_model_class
@@ -153,12 +145,8 @@ class SCVI(BaseModel):
         setup_anndata(
             adata,
             model_name=cls.__name__,
-            layer=layer,
-            batch_key=batch_key,
-            labels_key=labels_key,
-            size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
+            fields=standard_fields(layer, batch_key, labels_key, size_factor_key,
+                                   categorical_covariate_keys, continuous_covariate_keys),
             allow_non_integer=allow_non_integer,
             drop_empty_cells=drop_empty_cells,
         )

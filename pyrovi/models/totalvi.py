@@ -11,7 +11,14 @@ import pyro.distributions as dist
 import scipy.sparse as sp
 import torch
 
-from pyrovi.data import AnnDataRegistry, CellTensors, protein_matrix, read_protein_field
+from pyrovi.data import (
+    AnnDataRegistry,
+    CellTensors,
+    ProteinField,
+    protein_matrix,
+    setup_anndata,
+    standard_fields,
+)
 from pyrovi.data.multimodal import (
     MUDATA_PROTEIN_KEY,
     flatten_mudata,
@@ -172,29 +179,15 @@ class TOTALVI(SCVI):
         categorical_covariate_keys, continuous_covariate_keys, allow_non_integer, drop_empty_cells
             As for :meth:`pyrovi.SCVI.setup_anndata`.
         """
-        proteins, names = read_protein_field(
-            adata, protein_expression_obsm_key, protein_names_uns_key, allow_non_integer)
-        super().setup_anndata(
-            adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
-            size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-            allow_non_integer=allow_non_integer, drop_empty_cells=drop_empty_cells,
+        setup_anndata(
+            adata,
+            model_name=cls.__name__,
+            fields=[*standard_fields(layer, batch_key, labels_key, size_factor_key,
+                                     categorical_covariate_keys, continuous_covariate_keys),
+                    ProteinField(protein_expression_obsm_key, protein_names_uns_key)],
+            allow_non_integer=allow_non_integer,
+            drop_empty_cells=drop_empty_cells,
         )
-        registry = get_registry(adata, cls.__name__)
-        batch = category_codes(adata, batch_key, registry.batch_categories, "batch_key")
-        mask = protein_background.missing_protein_mask(proteins, batch, registry.n_batch)
-        registry.protein_expression_obsm_key = protein_expression_obsm_key
-        registry.protein_names = names
-        registry.protein_batch_mask = mask.tolist()
-        for b, row in enumerate(mask):
-            if not row.all():
-                missing = [n for n, measured in zip(names, row, strict=True) if not measured]
-                logger.warning(
-                    "%d protein(s) are all zero in batch %r and will be treated as missing "
-                    "there (masked out of the likelihood, imputed by the model): %s",
-                    len(missing), registry.batch_categories[b], missing[:10],
-                )
-        adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
 
     @classmethod
     def setup_mudata(
