@@ -137,7 +137,7 @@ def _load_model(model_dir: str, adata, device: str, subset_genes: bool = False):
     data = adata
     if subset_genes:
         genes = saved["var_names"]
-        flat = cls._as_anndata(adata)
+        flat = cls.as_anndata(adata)
         missing = [g for g in genes if g not in set(map(str, flat.var_names))]
         if not missing and list(map(str, flat.var_names)) != genes:
             logger.info("Using the model's %d genes of the %d in the data.", len(genes),
@@ -282,6 +282,7 @@ def _write_outputs(model, adata, registry_before, out: Path, title: str, reprodu
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from pyrovi.criticism.card import CARD_JSON, CARD_MARKDOWN
     from pyrovi.plotting import (
         PLOT_INSTALL,
         missing_plot_packages,
@@ -289,7 +290,6 @@ def _write_outputs(model, adata, registry_before, out: Path, title: str, reprodu
         plot_umap,
         umap_coordinates,
     )
-    from pyrovi.posterior.card import CARD_JSON, CARD_MARKDOWN
 
     # Only the packages of the outputs asked for count as missing.
     missing = [p for p in missing_plot_packages() if umap or p != "umap-learn"]
@@ -380,8 +380,8 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _card(args: argparse.Namespace) -> None:
+    from pyrovi.criticism.card import CARD_MARKDOWN
     from pyrovi.infer.checkpoint import data_fingerprint
-    from pyrovi.posterior.card import CARD_MARKDOWN
 
     out = Path(args.out)
     _refuse_existing(out if out.suffix == ".md" else out / CARD_MARKDOWN, args.overwrite)
