@@ -428,8 +428,10 @@ class BaseModel(ABC):
             (chunks read and shuffled together, default 16); host memory holds about
             ``chunk_size * n_chunks_in_buffer`` rows of counts; ``loader``: ``"pyrovi"``
             (default, h5ad or zarr) or ``"annbatch"`` (zarr stores only, ``pip install
-            annbatch``: reads stores written by ``AnnData.write_zarr`` faster, for 30-100 MB
-            more memory; see ``benchmarks/RESULTS.md``). No effect on data in memory.
+            annbatch``: reads stores written by ``AnnData.write_zarr`` faster, for more memory;
+            the measured speed and memory are in ``benchmarks/RESULTS.md``, which this
+            docstring does not repeat so that they cannot drift apart). No effect on data in
+            memory.
         checkpoint_dir
             Folder for training checkpoints (``checkpoint-<epochs done>``, a folder; see
             :mod:`pyrovi.infer.checkpoint`). Each holds the weights, Adam's state, the random
