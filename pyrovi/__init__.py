@@ -10,6 +10,7 @@
 import logging
 
 from pyrovi import (
+    criticism,
     data,
     datasets,
     distributions,
@@ -29,12 +30,19 @@ from pyrovi.models import LDVAE, SCVI, TOTALVI
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+# The reports moved from pyrovi.posterior to pyrovi.criticism, a layer above it; the old
+# names stay reachable there without pyrovi.posterior importing upwards.
+for _name in criticism.FORMER_POSTERIOR_NAMES:
+    setattr(posterior, _name, getattr(criticism, _name))
+del _name
+
 __all__ = [
     "LDVAE",
     "SCVI",
     "TOTALVI",
     "__version__",
     "load_pretrained",
+    "criticism",
     "data",
     "datasets",
     "distributions",

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from scipy.special import logsumexp
 
 import pyrovi
+from pyrovi.criticism import to_arviz
 from pyrovi.datasets import simulate_counts
-from pyrovi.posterior import to_arviz
 
 from .conftest import small_totalvi
 
@@ -234,7 +234,7 @@ def test_pointwise_log_likelihood_of_rna_and_proteins():
     from pyrovi.posterior import pointwise_log_likelihood
 
     adata, model = small_totalvi(n_cells=200, n_proteins=6, max_epochs=10)
-    data, _, _ = model._cell_tensors()
+    data, _, _ = model.cell_data()
     values = pointwise_log_likelihood(model.module, data, n_samples=40)
     assert set(values) == {"x", "y"}
     assert values["y"].shape == (40, adata.n_obs) and np.isfinite(values["y"]).all()

@@ -108,7 +108,7 @@ def test_a_batch_column_from_another_modality_is_matched_by_cell_name():
         "rna_layer": "rna", "protein_layer": "protein", "batch_key": "meta"})
     model = pyrovi.TOTALVI(mdata, n_latent=2, n_hidden=8)
     codes = np.asarray(model.registry.batch_categories)[
-        model._cell_tensors()[0].batch_index.numpy()]
+        model.cell_data()[0].batch_index.numpy()]
     np.testing.assert_array_equal(codes, cells.obs["batch"].astype(str).to_numpy())
 
 
@@ -152,7 +152,7 @@ def test_outputs_and_load_leave_the_querys_own_setup_alone(adata, tmp_path):
     (["AAA"], TypeError, "get_indexer"),
 ])
 def test_indices_are_checked_the_same_way_by_every_output(adata, indices, error, message):
-    from pyrovi.posterior import PosteriorPredictiveCheck, to_arviz
+    from pyrovi.criticism import PosteriorPredictiveCheck, to_arviz
 
     model = trained(adata)
     for output in (lambda: model.get_latent_representation(indices=indices),

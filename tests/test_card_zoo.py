@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import pyrovi
+from pyrovi.criticism import PosteriorPredictiveCheck
 from pyrovi.datasets import simulate_counts
-from pyrovi.posterior import PosteriorPredictiveCheck
 from pyrovi.zoo import load_pretrained, model_path, top_variable_genes, train_reference
 
 from .conftest import shared_dataset, small_totalvi

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pyrovi
+from pyrovi.criticism import PosteriorPredictiveCheck, to_arviz
 from pyrovi.datasets import simulate_cite_seq
-from pyrovi.posterior import PosteriorPredictiveCheck, to_arviz
 
 
 def gamma_poisson(mu, theta, zi_logits):

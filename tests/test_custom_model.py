@@ -17,15 +17,11 @@ import torch
 from scipy.linalg import subspace_angles
 from torch import nn
 
+from pyrovi.criticism import PosteriorPredictiveCheck, to_arviz
 from pyrovi.distributions import Poisson
 from pyrovi.infer import cell_plate, fit
 from pyrovi.nn import GaussianEncoder
-from pyrovi.posterior import (
-    PosteriorPredictiveCheck,
-    posterior_predictive,
-    posterior_samples,
-    to_arviz,
-)
+from pyrovi.posterior import posterior_predictive, posterior_samples
 from pyrovi.priors import NormalPrior
 
 

@@ -14,8 +14,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("igraph")
 pytest.importorskip("leidenalg")
 
-from pyrovi.posterior import embedding_metrics  # noqa: E402
-from pyrovi.posterior.embedding import knn_indices  # noqa: E402
+from pyrovi.criticism import embedding_metrics  # noqa: E402
+from pyrovi.criticism.embedding import knn_indices  # noqa: E402
 
 CLASSIFIERS = ("svm", "random_forest", "logistic_regression")
 

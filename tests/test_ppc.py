@@ -15,16 +15,16 @@ import torch
 from scipy import stats
 
 import pyrovi
-from pyrovi.datasets import simulate_cite_seq, simulate_counts
-from pyrovi.posterior import PosteriorPredictiveCheck
-from pyrovi.posterior.ppc import (
-    DEFAULT_INTERVAL_LEVELS,
+from pyrovi.criticism import PosteriorPredictiveCheck
+from pyrovi.criticism.ppc import DEFAULT_INTERVAL_LEVELS
+from pyrovi.criticism.stats import (
     average_precision,
     benjamini_hochberg,
     log_normalize,
     roc_auc,
     wilcoxon_rank_sum,
 )
+from pyrovi.datasets import simulate_cite_seq, simulate_counts
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -176,7 +176,7 @@ def test_meanfield_elbo_falls_back_to_the_monte_carlo_kl_without_an_analytic_one
     for prior in ("normal", "mog", "vamp"):
         model = small_model(small_adata.copy(), prior)
         model.module.eval()
-        batch = model._cell_tensors()[0].minibatch(torch.arange(64))
+        batch = model.cell_data()[0].minibatch(torch.arange(64))
         for name, elbo in (("trace", Trace_ELBO()), ("meanfield", TraceMeanField_ELBO())):
             pyro.set_rng_seed(5)
             with torch.no_grad():

@@ -159,7 +159,7 @@ def test_proteins_zeroed_in_a_batch_are_masked_and_imputed(caplog):
     assert pyrovi.TOTALVI(adata, override_missing_proteins=True).module.protein_batch_mask.all()
 
     # The masked entries do not enter the likelihood: changing them changes nothing.
-    data, _, _ = model._cell_tensors()
+    data, _, _ = model.cell_data()
     batch = data.minibatch(torch.as_tensor(np.flatnonzero(second)[:50]))
     n_cells = batch["x"].shape[0]
     params = {
@@ -206,8 +206,8 @@ def test_anndata_and_mudata_set_ups_give_the_same_model_inputs(batch_in):
         assert model.registry.batch_categories == ["b0", "b1"]
         assert list(model.protein_names) == [f"P{t}" for t in range(5)]
     index = torch.arange(200)
-    a = from_anndata._cell_tensors()[0].minibatch(index)
-    m = from_mudata._cell_tensors()[0].minibatch(index)
+    a = from_anndata.cell_data()[0].minibatch(index)
+    m = from_mudata.cell_data()[0].minibatch(index)
     for key in ("x", "y", "batch_index", "labels"):
         torch.testing.assert_close(a[key], m[key])
     from_mudata.train(max_epochs=2, seed=0, progress_bar=False)

@@ -219,7 +219,7 @@ def load_pretrained(
     folder = model_path(name_or_path)
     cls = _model_class(read_config(folder))
     genes = SavedModel(folder / MODEL_FOLDER).var_names
-    flat = cls._as_anndata(adata)
+    flat = cls.as_anndata(adata)
     present = set(map(str, flat.var_names))
     missing = [g for g in genes if g not in present]
     if missing:

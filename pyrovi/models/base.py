@@ -21,9 +21,11 @@ import torch
 
 from pyrovi._settings import check_seed
 from pyrovi._version import __version__
+from pyrovi.criticism.card import model_card
 from pyrovi.data import (
     REGISTRY_UNS_KEY,
     AnnDataRegistry,
+    CellData,
     CellTensors,
     build_cell_tensors,
     get_registry,
@@ -171,6 +173,9 @@ def _registry_in_uns(adata, registry: AnnDataRegistry):
 class BaseModel(ABC):
     """Shared user API of pyrovi models (not used directly).
 
+    Implements :class:`pyrovi.criticism.TrainedModel`, the interface through which the
+    reports of :mod:`pyrovi.criticism` read a model.
+
     Attributes
     ----------
     adata
@@ -226,9 +231,73 @@ class BaseModel(ABC):
         return self.adata.var_names
 
     @classmethod
-    def _as_anndata(cls, data):
-        """The AnnData the model reads from ``data`` (multi-modal models flatten MuData)."""
+    def as_anndata(cls, data):
+        """The AnnData the model reads from ``data`` (multi-modal models flatten MuData).
+
+        Parameters
+        ----------
+        data
+            AnnData (or, for a multi-modal model, a MuData set up for it).
+
+        Returns
+        -------
+        anndata.AnnData
+            ``data`` itself for single-modality models.
+        """
         return data
+
+    def is_own_data(self, data) -> bool:
+        """Whether ``data`` is the object the model was built on (its AnnData).
+
+        Parameters
+        ----------
+        data
+            An AnnData or MuData.
+
+        Returns
+        -------
+        bool
+        """
+        return data is self.adata
+
+    def observed_features(self) -> dict[str, pd.Index]:
+        """Feature names of every observed site, in the column order of
+        :meth:`posterior_predictive_sample`: ``{"x": genes}``.
+
+        Returns
+        -------
+        dict
+            ``{site: pandas.Index of feature names}``.
+        """
+        return {"x": self.var_names}
+
+    def feature_positions(self, site: str, names: Sequence[str] | None = None) -> np.ndarray:
+        """Positions of ``names`` (default all) among the features of the observed ``site``.
+
+        Parameters
+        ----------
+        site
+            An observed site (a key of :meth:`observed_features`).
+        names
+            Feature names; ``None`` for every feature.
+
+        Returns
+        -------
+        numpy.ndarray
+            Integer positions, in the order of ``names``.
+
+        Raises
+        ------
+        KeyError
+            ``site`` is not observed by the model, or a name is not one of its features.
+        """
+        features = self.observed_features()
+        if site not in features:
+            raise KeyError(f"{type(self).__name__} has no observed site {site!r} (sites: "
+                           f"{list(features)}).")
+        if names is None:
+            return np.arange(len(features[site]))
+        return self._gene_positions(names)
 
     def _validate_anndata(self, adata=None):
         """Return ``adata`` (default: the model's) registered with the model's registry.
@@ -244,7 +313,7 @@ class BaseModel(ABC):
         if adata is None or adata is self.adata:
             check_registered_data(self.registry, self.adata)
             return self.adata, self.registry
-        adata = self._as_anndata(adata)
+        adata = self.as_anndata(adata)
         # The registry stays with the model: the AnnData keeps its own set-up, if any.
         return adata, register_new_data(self.registry, adata, self.var_names, store=False)
 
@@ -259,8 +328,23 @@ class BaseModel(ABC):
                 "would be NaN. Build the model again and train with a lower learning rate "
                 "(lr=), or load a checkpoint from before the divergence.")
 
-    def _cell_tensors(self, adata=None, indices=None) -> tuple[CellTensors, np.ndarray, object]:
-        """The requested cells on the model's device, their indices, and the AnnData used."""
+    def cell_data(self, adata=None, indices=None) -> tuple[CellData, np.ndarray, object]:
+        """The requested cells on the model's device, their indices, and the AnnData used.
+
+        Parameters
+        ----------
+        adata
+            AnnData (or MuData for a multi-modal model) with the model's features; default
+            the model's own, checked for changes since set-up.
+        indices
+            Cells of ``adata`` (default all).
+
+        Returns
+        -------
+        tuple
+            The :class:`~pyrovi.data.CellData` the module's model and guide read, the cells'
+            positions in ``adata``, and the AnnData read.
+        """
         adata, registry = self._validate_anndata(adata)
         indices = cell_positions(indices, adata.n_obs)
         return build_cell_tensors(adata, registry, self.device, indices), indices, adata
@@ -344,8 +428,10 @@ class BaseModel(ABC):
             (chunks read and shuffled together, default 16); host memory holds about
             ``chunk_size * n_chunks_in_buffer`` rows of counts; ``loader``: ``"pyrovi"``
             (default, h5ad or zarr) or ``"annbatch"`` (zarr stores only, ``pip install
-            annbatch``: reads stores written by ``AnnData.write_zarr`` faster, for 30-100 MB
-            more memory; see ``benchmarks/RESULTS.md``). No effect on data in memory.
+            annbatch``: reads stores written by ``AnnData.write_zarr`` faster, for more memory;
+            the measured speed and memory are in ``benchmarks/RESULTS.md``, which this
+            docstring does not repeat so that they cannot drift apart). No effect on data in
+            memory.
         checkpoint_dir
             Folder for training checkpoints (``checkpoint-<epochs done>``, a folder; see
             :mod:`pyrovi.infer.checkpoint`). Each holds the weights, Adam's state, the random
@@ -676,7 +762,7 @@ class BaseModel(ABC):
         --------
         >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         return latent_representation(
             self.module, data, None, give_mean=give_mean, n_samples=n_samples,
             batch_size=batch_size or 1024,
@@ -703,7 +789,7 @@ class BaseModel(ABC):
     def _predictive_counts(self, adata, indices, n_samples, columns, batch_size) -> np.ndarray:
         """Posterior predictive draws of the module's ``observed_sites`` (concatenated),
         cells × columns (× samples)."""
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         draws = posterior_predictive(
             self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
             site=self.module.observed_sites, columns=columns,
@@ -877,7 +963,7 @@ class BaseModel(ABC):
 
         Same convention as scvi-tools' ``get_elbo``: the ELBO itself, not its negative.
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
         elbo = -terms.negative_elbo.cpu().numpy()
         return float(elbo.mean()) if return_mean else elbo
@@ -896,7 +982,7 @@ class BaseModel(ABC):
         dict
             ``{"reconstruction_loss": value}`` (mean, or one value per cell).
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
         loss = terms.reconstruction.cpu().numpy()
         return {"reconstruction_loss": float(loss.mean()) if return_mean else loss}
@@ -922,7 +1008,7 @@ class BaseModel(ABC):
             Mean over cells, or one value per cell. Higher is better; it is at least the ELBO
             in expectation.
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         values = marginal_log_likelihood(self.module, data, None, n_mc_samples, batch_size or 256)
         return float(values.mean()) if return_mean else values
 
@@ -931,7 +1017,7 @@ class BaseModel(ABC):
     def card(self, path=None, **kwargs) -> dict:
         """Write this model's card (Markdown and JSON) and return its content.
 
-        A thin call into :func:`pyrovi.posterior.model_card`, which lists the sections and
+        A thin call into :func:`pyrovi.criticism.model_card`, which lists the sections and
         options (``adata``, ``title``, ``description``, ``reproduce``, ``labels_key``,
         ``batch_key``, ``n_samples``, ``max_cells``, ``embedding``, ``seed``).
 
@@ -950,8 +1036,6 @@ class BaseModel(ABC):
         --------
         >>> model.card("cards/my_scvi", description="scVI on my PBMCs")  # doctest: +SKIP
         """
-        from pyrovi.posterior.card import model_card
-
         return model_card(self, path, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------
@@ -1035,7 +1119,7 @@ class BaseModel(ABC):
             )
         init_params = restored_init_params(saved["init_params"], custom_params, cls.__name__)
         registry = AnnDataRegistry.from_dict(saved["registry"])
-        adata = cls._as_anndata(adata)
+        adata = cls.as_anndata(adata)
         registry = register_new_data(registry, adata, saved["var_names"], store=False)
         with _registry_in_uns(adata, registry):
             model = cls(adata, **init_params)

@@ -417,7 +417,7 @@ class SCVI(BaseModel):
         -------
         pandas.DataFrame or numpy.ndarray
         """
-        data, indices, adata_used = self._cell_tensors(adata, indices)
+        data, indices, adata_used = self.cell_data(adata, indices)
         columns = np.arange(self.registry.n_vars)
         if gene_list is not None:
             columns = self._gene_positions(gene_list)
@@ -447,7 +447,7 @@ class SCVI(BaseModel):
             ``"dropout"`` (zero-inflation logits, ZINB only), each ``(n_cells, n_genes)``
             (``(n_samples, n_cells, n_genes)`` for several draws unless ``give_mean``).
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         names = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
 
         def parameters(draw: PosteriorDraw) -> dict[str, torch.Tensor]:

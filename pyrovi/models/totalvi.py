@@ -118,7 +118,7 @@ class TOTALVI(SCVI):
         prior_kwargs: dict | None = None,
     ):
         self.mdata = adata if is_mudata(adata) else None
-        adata = self._as_anndata(adata)
+        adata = self.as_anndata(adata)
         BaseModel.__init__(
             self,
             adata,
@@ -259,8 +259,13 @@ class TOTALVI(SCVI):
         return flat
 
     @classmethod
-    def _as_anndata(cls, data):
+    def as_anndata(cls, data):
+        """``data``, or the flat AnnData of a MuData set up with :meth:`setup_mudata`."""
         return cls._flatten(data) if is_mudata(data) else data
+
+    def is_own_data(self, data) -> bool:
+        """Whether ``data`` is the model's AnnData or the MuData it was set up from."""
+        return data is self.adata or (self.mdata is not None and data is self.mdata)
 
     def _build_module(self, adata, registry: AnnDataRegistry,
                       empirical_protein_background_prior=True, override_missing_proteins=False,
@@ -301,12 +306,20 @@ class TOTALVI(SCVI):
         """Protein names the model was built on."""
         return pd.Index(self.registry.protein_names)
 
-    def _protein_positions(self, protein_list: Sequence[str] | None) -> np.ndarray:
-        if protein_list is None:
+    def observed_features(self) -> dict[str, pd.Index]:
+        """``{"x": genes, "y": proteins}``, the columns of :meth:`posterior_predictive_sample`."""
+        return {"x": self.var_names, "y": self.protein_names}
+
+    def feature_positions(self, site: str, names: Sequence[str] | None = None) -> np.ndarray:
+        """Positions of ``names`` (default all) among the genes (``site="x"``) or the
+        proteins (``site="y"``); see :meth:`BaseModel.feature_positions`."""
+        if site != "y":
+            return super().feature_positions(site, names)
+        if names is None:
             return np.arange(self.registry.n_proteins)
-        positions = self.protein_names.get_indexer(list(protein_list))
+        positions = self.protein_names.get_indexer(list(names))
         if (positions < 0).any():
-            missing = [p for p, i in zip(protein_list, positions, strict=True) if i < 0]
+            missing = [p for p, i in zip(names, positions, strict=True) if i < 0]
             raise KeyError(f"Proteins not in the model: {missing[:10]} "
                            f"(proteins: {list(self.protein_names)}).")
         return positions
@@ -431,10 +444,10 @@ class TOTALVI(SCVI):
             Cells × genes and cells × proteins DataFrames (arrays with ``return_numpy``;
             ``(n_samples, n_cells, n)`` arrays when ``return_mean=False``).
         """
-        data, indices, adata_used = self._cell_tensors(adata, indices)
+        data, indices, adata_used = self.cell_data(adata, indices)
         genes = (np.arange(self.registry.n_vars) if gene_list is None
                  else self._gene_positions(gene_list))
-        proteins = self._protein_positions(protein_list)
+        proteins = self.feature_positions("y", protein_list)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
         rna, protein = self._decoded_draws(
@@ -473,8 +486,8 @@ class TOTALVI(SCVI):
         pandas.DataFrame or numpy.ndarray
             Cells × proteins.
         """
-        data, indices, adata_used = self._cell_tensors(adata, indices)
-        proteins = self._protein_positions(protein_list)
+        data, indices, adata_used = self.cell_data(adata, indices)
+        proteins = self.feature_positions("y", protein_list)
         columns = torch.as_tensor(proteins, device=self.device)
         [values] = self._decoded_draws(
             data, None, self._batch_codes(transform_batch),
@@ -498,7 +511,7 @@ class TOTALVI(SCVI):
         numpy.ndarray
             Cells × proteins (averaged over ``n_samples`` posterior draws).
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         [values] = self._decoded_draws(data, None, [None], [lambda p: p["background"]],
                                        n_samples, batch_size or 1024)
         return values.mean(0).cpu().numpy()
@@ -517,7 +530,7 @@ class TOTALVI(SCVI):
         numpy.ndarray
             ``(n_cells, 1)``.
         """
-        data, _, _ = self._cell_tensors(adata, indices)
+        data, _, _ = self.cell_data(adata, indices)
         n_samples = 30 if give_mean and not self.module.use_observed_lib_size else 1
         [values] = self._decoded_draws(
             data, None, [None], [lambda p: p["mu"].sum(-1, keepdim=True) / p["rho"].sum(
@@ -546,7 +559,7 @@ class TOTALVI(SCVI):
         genes = (np.arange(self.registry.n_vars) if gene_list is None
                  else self._gene_positions(gene_list))
         columns = np.concatenate([genes, self.registry.n_vars
-                                  + self._protein_positions(protein_list)])
+                                  + self.feature_positions("y", protein_list)])
         return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
 
     # -- differential expression over genes and proteins ---------------------------------

@@ -1,7 +1,14 @@
-"""Posterior utilities shared by every model (``pyrovi.posterior``)."""
+"""Posterior utilities shared by every model/guide pair (``pyrovi.posterior``).
 
-from pyrovi.posterior.arviz_export import to_arviz
-from pyrovi.posterior.card import model_card, write_card
+Sampling batched over cells, latent representations, posterior predictive draws, ELBO
+terms, marginal and pointwise log-likelihoods, Bayesian differential expression and the
+varimax rotation of loadings: each takes a module and its data, never a model class. The
+reports built on them (posterior predictive checks, embedding metrics, ArviZ export, model
+cards) are in :mod:`pyrovi.criticism`, a layer above; ``import pyrovi`` also sets their
+names on this module (``pyrovi.posterior.PosteriorPredictiveCheck`` ...), where they lived
+before.
+"""
+
 from pyrovi.posterior.core import (
     PosteriorDraw,
     guide_trace,
@@ -22,12 +29,9 @@ from pyrovi.posterior.differential import (
     fdr_de_prediction,
     raw_counts_properties,
 )
-from pyrovi.posterior.embedding import embedding_metrics
 from pyrovi.posterior.loadings import varimax
-from pyrovi.posterior.ppc import PosteriorPredictiveCheck
 
 __all__ = [
-    "PosteriorPredictiveCheck",
     "bayes_factors",
     "differential_expression",
     "estimate_delta",
@@ -44,9 +48,5 @@ __all__ = [
     "posterior_samples",
     "PosteriorDraw",
     "iterate_posterior",
-    "to_arviz",
-    "model_card",
-    "write_card",
     "varimax",
-    "embedding_metrics",
 ]

@@ -4,7 +4,8 @@ A card has the sections of the scvi-hub model cards (model parameters, setup arg
 registry, summary statistics, training, posterior predictive checks on training and
 validation cells, differential-expression agreement per cell type) plus the embedding
 quality table of the CELLxGENE Census cards, and is written both as Markdown (for people)
-and as JSON (for programs).
+and as JSON (for programs). Part of :mod:`pyrovi.criticism`: the card reads the model
+through :class:`~pyrovi.criticism.TrainedModel`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import os
 import platform
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
 
 from pyrovi._version import __version__
+from pyrovi.criticism.embedding import embedding_metrics
+from pyrovi.criticism.interface import TrainedModel, check_trained_model
+from pyrovi.criticism.ppc import PosteriorPredictiveCheck
+from pyrovi.criticism.predictive import MODALITY_SITES
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ def _subsample(indices, max_cells: int, rng: np.random.Generator) -> np.ndarray:
     return indices
 
 
-def _registry_sections(model) -> tuple[dict, list[dict], dict]:
+def _registry_sections(model: TrainedModel) -> tuple[dict, list[dict], dict]:
     registry = model.registry
     setup = {k: v for k, v in {
         "layer": registry.layer, "batch_key": registry.batch_key,
@@ -100,7 +106,7 @@ def _registry_sections(model) -> tuple[dict, list[dict], dict]:
     return setup, fields, registry.summary()
 
 
-def _training_section(model) -> dict:
+def _training_section(model: TrainedModel) -> dict:
     section = {"hyperparameters": model.train_params or {}}
     history = model.history
     if history is None or history.empty:
@@ -118,11 +124,9 @@ def _training_section(model) -> dict:
     return section
 
 
-def _cv_tables(model, adata, splits: dict[str, np.ndarray], n_samples: int, seed: int,
+def _cv_tables(model: TrainedModel, adata, splits: dict[str, np.ndarray], n_samples: int, seed: int,
                modality: str | None) -> dict[str, pd.DataFrame]:
     """Cell-wise and gene-wise CV summaries (rows: statistics; columns: splits)."""
-    from pyrovi.posterior.ppc import PosteriorPredictiveCheck
-
     tables: dict[str, dict[str, pd.Series]] = {"cv_cell": {}, "cv_gene": {}}
     for split, cells in splits.items():
         if len(cells) < 2:
@@ -136,9 +140,8 @@ def _cv_tables(model, adata, splits: dict[str, np.ndarray], n_samples: int, seed
             for metric, columns in tables.items() if columns}
 
 
-def _de_table(model, adata, cells: np.ndarray, groupby: str, seed: int) -> pd.DataFrame:
-    from pyrovi.posterior.ppc import PosteriorPredictiveCheck
-
+def _de_table(model: TrainedModel, adata, cells: np.ndarray, groupby: str,
+              seed: int) -> pd.DataFrame:
     ppc = PosteriorPredictiveCheck(adata, {"model": model}, n_samples=1, indices=cells,
                                    seed=seed, progress_bar=False)
     # p < 0.2 (adjusted) calls a gene DE, as scvi-hub's cards do.
@@ -146,11 +149,8 @@ def _de_table(model, adata, cells: np.ndarray, groupby: str, seed: int) -> pd.Da
     return table.drop(columns="model").set_index("group")
 
 
-def _embedding_table(model, adata, cells: np.ndarray, label_key, batch_key) -> pd.DataFrame:
-    import anndata
-
-    from pyrovi.posterior.embedding import embedding_metrics
-
+def _embedding_table(model: TrainedModel, adata, cells: np.ndarray, label_key,
+                     batch_key) -> pd.DataFrame:
     view = anndata.AnnData(obs=adata.obs.iloc[cells][[k for k in (label_key, batch_key)
                                                       if k is not None]].copy())
     view.obsm["X_latent"] = model.get_latent_representation(adata, indices=cells)
@@ -158,7 +158,7 @@ def _embedding_table(model, adata, cells: np.ndarray, label_key, batch_key) -> p
 
 
 def model_card(
-    model,
+    model: TrainedModel,
     path: str | os.PathLike | None = None,
     adata=None,
     title: str | None = None,
@@ -179,13 +179,13 @@ def model_card(
     Pearson, Spearman, R²) on training and validation cells, the per-cell-type
     differential-expression agreement of :meth:`PosteriorPredictiveCheck.
     differential_expression` when labels exist, embedding quality
-    (:func:`~pyrovi.posterior.embedding_metrics`) when labels or batches exist and the
+    (:func:`~pyrovi.criticism.embedding_metrics`) when labels or batches exist and the
     ``metrics`` extra is installed, and package versions.
 
     Parameters
     ----------
     model
-        A trained pyrovi model.
+        A trained pyrovi model (any :class:`~pyrovi.criticism.TrainedModel`).
     path
         Where to write: a directory (gets ``README.md`` and ``card.json``) or a ``.md``
         file (the JSON goes beside it, same stem). ``None``: write nothing.
@@ -216,9 +216,10 @@ def model_card(
     >>> card = model.card("my_model_card")  # doctest: +SKIP
     >>> card["posterior_predictive_checks"]["cv_cell"]  # doctest: +SKIP
     """
+    check_trained_model(model)
     if not model.is_trained:
         raise ValueError("The model is not trained; call model.train() before model.card().")
-    adata = model.adata if adata is None else model._as_anndata(adata)
+    adata = model.adata if adata is None else model.as_anndata(adata)
     own_data = adata is model.adata
     labels_key = labels_key or model.registry.labels_key
     batch_key = batch_key or model.registry.batch_key
@@ -254,7 +255,8 @@ def model_card(
     if own_data and model.validation_indices is not None and len(model.validation_indices):
         card["training"]["heldout_elbo_per_cell"] = model.get_elbo(
             indices=model.validation_indices)
-    modalities = ["rna", "protein"] if model.registry.has_proteins else [None]
+    has_proteins = MODALITY_SITES["protein"] in model.observed_features()
+    modalities = ["rna", "protein"] if has_proteins else [None]
     checks = {}
     for modality in modalities:
         suffix = "" if modality in (None, "rna") else f"_{modality}"

@@ -1,4 +1,9 @@
-"""Export posterior and posterior predictive draws of any pyrovi model to ArviZ."""
+"""Export posterior and posterior predictive draws of any pyrovi model to ArviZ.
+
+Part of :mod:`pyrovi.criticism`: a trained model is read through
+:class:`~pyrovi.criticism.TrainedModel`; a bare model/guide module with its per-cell arrays
+works too.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pyrovi.criticism.interface import GENE_SITE, PROTEIN_SITE, TrainedModel
 from pyrovi.data.indices import cell_positions
 from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
@@ -25,24 +31,26 @@ MAX_VALUES = 500_000_000
 MIN_LOO_DRAWS = 25
 
 
-def _site_coords(model, site: str, gene_positions, protein_positions):
+def _site_coords(model: TrainedModel, site: str, positions: dict[str, np.ndarray]):
     """Dimension names (after the cell axis) and coordinates of ``site``, from the module's
-    ``site_dims`` declaration (``None``: undeclared, ArviZ names the dimensions)."""
-    dims = getattr(model.module, "site_dims", {}).get(site)
+    ``site_dims`` declaration (``None``: undeclared, ArviZ names the dimensions).
+
+    The feature dimension of each observed site (its declared dimension, e.g. ``gene`` for
+    ``x``, ``protein`` for ``y``) is labelled with the exported features of that site
+    (``positions``), wherever it appears.
+    """
+    declared = getattr(model.module, "site_dims", {})
+    dims = declared.get(site)
     if dims is None:
         return None, {}
-    coords = {}
-    for dim in dims:
-        if dim == "gene":
-            coords["gene"] = np.asarray(model.var_names[gene_positions], dtype=str)
-        elif dim == "protein":
-            coords["protein"] = np.asarray(
-                np.asarray(model.registry.protein_names)[protein_positions], dtype=str)
-    return list(dims), coords
+    labels = {declared[observed][0]: np.asarray(names[positions[observed]], dtype=str)
+              for observed, names in model.observed_features().items()
+              if declared.get(observed)}
+    return list(dims), {dim: labels[dim] for dim in dims if dim in labels}
 
 
 def to_arviz(
-    model,
+    model: TrainedModel | torch.nn.Module,
     adata=None,
     n_samples: int = 100,
     var_names: Sequence[str] | None = None,
@@ -95,8 +103,9 @@ def to_arviz(
     Parameters
     ----------
     model
-        A trained pyrovi model (``SCVI``, ``LDVAE``, ``TOTALVI``, ...), or a model/guide
-        ``nn.Module`` of your own (then ``data`` is required).
+        A trained pyrovi model (``SCVI``, ``LDVAE``, ``TOTALVI``, ..., any
+        :class:`~pyrovi.criticism.TrainedModel`), or a model/guide ``nn.Module`` of your own
+        (then ``data`` is required).
     adata
         AnnData with the model's genes (default: the training data).
     n_samples
@@ -131,7 +140,7 @@ def to_arviz(
     Examples
     --------
     >>> import arviz as az
-    >>> idata = pyrovi.posterior.to_arviz(model, n_samples=50, indices=range(200),
+    >>> idata = pyrovi.criticism.to_arviz(model, n_samples=50, indices=range(200),
     ...                                   log_likelihood=True)  # doctest: +SKIP
     >>> az.summary(idata, var_names=["z"], kind="stats").head()  # doctest: +SKIP
     >>> az.loo(idata)  # PSIS-LOO over cells  # doctest: +SKIP
@@ -141,20 +150,25 @@ def to_arviz(
     """
     if seed is not None:
         torch.manual_seed(seed)
-    if not hasattr(model, "module"):
+    if not isinstance(model, TrainedModel):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"to_arviz takes a trained pyrovi model (pyrovi.criticism.TrainedModel) or a "
+                f"model/guide nn.Module, not a {type(model).__name__}.")
         if data is None:
             raise ValueError("A bare model/guide module needs its per-cell arrays: data={...}.")
         return _module_to_arviz(model, data, n_samples, var_names, indices, batch_size,
                                 dict(coords or {}), log_likelihood)
-    data, cells, adata_used = model._cell_tensors(adata, indices)
-    genes = (np.arange(model.registry.n_vars) if gene_list is None
-             else model._gene_positions(gene_list))
-    proteins = model._protein_positions(protein_list) if model.registry.has_proteins else None
+    data, cells, adata_used = model.cell_data(adata, indices)
+    features = model.observed_features()
+    genes = model.feature_positions(GENE_SITE, gene_list)
+    proteins = (model.feature_positions(PROTEIN_SITE, protein_list)
+                if PROTEIN_SITE in features else None)
     if protein_list is not None and proteins is None:
         raise ValueError(f"{type(model).__name__} has no proteins; drop protein_list.")
-    columns = {"x": genes} if gene_list is not None else {}
+    columns = {GENE_SITE: genes} if gene_list is not None else {}
     if protein_list is not None:
-        columns["y"] = proteins
+        columns[PROTEIN_SITE] = proteins
 
     module = model.module
     observed = tuple(getattr(module, "observed_sites", ()) or ())
@@ -175,8 +189,9 @@ def to_arviz(
     coords: dict[str, np.ndarray] = {"cell": cell_names}
     # Every cell's observed arrays, gathered once (counts, proteins, size factors).
     whole = data.minibatch(torch.arange(data.n_obs, device=data.device))
+    positions = {GENE_SITE: genes, PROTEIN_SITE: proteins}
     for site, values in draws.items():
-        site_dims, site_coords = _site_coords(model, site, genes, proteins)
+        site_dims, site_coords = _site_coords(model, site, positions)
         coords.update(site_coords)
         values = values[None]  # one chain
         if (site_dims is not None and len(site_dims) == values.ndim - 4
