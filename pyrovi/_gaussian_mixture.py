@@ -1,7 +1,7 @@
 """One-dimensional Gaussian mixtures fitted by EM (no scikit-learn dependency).
 
 Used where a small mixture summarises a distribution: the threshold of differential
-expression (``delta=None``) and the empirical protein background prior of TotalVI.
+expression (``delta=None``) and TotalVI's empirical background prior.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pyrovi.criticism.interface import GENE_SITE, PROTEIN_SITE, TrainedModel
+from pyrovi.criticism.interface import TrainedModel
 from pyrovi.data.indices import cell_positions
 from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: Above this many values (draws × cells × features, all sites) ``to_arviz`` refuses and
 #: asks for fewer cells, features or draws: ArviZ holds everything in memory, densely.
+#: Observed sites that ``gene_list`` and ``protein_list`` select features of.
+GENE_SITE, PROTEIN_SITE = "x", "y"
 MAX_VALUES = 500_000_000
 #: Fewest draws with which ``arviz.loo`` runs on the ``log_likelihood`` group.
 MIN_LOO_DRAWS = 25

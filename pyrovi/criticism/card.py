@@ -27,7 +27,8 @@ from pyrovi._version import __version__
 from pyrovi.criticism.embedding import embedding_metrics
 from pyrovi.criticism.interface import TrainedModel, check_trained_model
 from pyrovi.criticism.ppc import PosteriorPredictiveCheck
-from pyrovi.criticism.predictive import MODALITY_SITES
+from pyrovi.criticism.predictive import modalities
+from pyrovi.data.fields import DataField
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def _registry_sections(model: TrainedModel) -> tuple[dict, list[dict], dict]:
         "labels_key": registry.labels_key, "size_factor_key": registry.size_factor_key,
         "categorical_covariate_keys": list(registry.categorical_covariate_keys) or None,
         "continuous_covariate_keys": list(registry.continuous_covariate_keys) or None,
-        "protein_expression_obsm_key": registry.protein_expression_obsm_key,
     }.items() if v is not None}
+    plugins = [f for f in registry.fields if type(f) in DataField.plugins]
+    for field in plugins:
+        setup.update(field.setup_arguments())
     fields = [{"field": "counts", "location": f"adata.layers[{registry.layer!r}]"
                if registry.layer else "adata.X", "size": registry.n_vars}]
     for name, key, categories in (("batch", registry.batch_key, registry.batch_categories),
@@ -100,9 +103,7 @@ def _registry_sections(model: TrainedModel) -> tuple[dict, list[dict], dict]:
     for key in registry.continuous_covariate_keys:
         fields.append({"field": "continuous covariate", "location": f"adata.obs[{key!r}]",
                        "size": 1})
-    if registry.protein_expression_obsm_key is not None:
-        fields.append({"field": "proteins", "size": registry.n_proteins,
-                       "location": f"adata.obsm[{registry.protein_expression_obsm_key!r}]"})
+    fields += [row for row in (f.card_row(registry) for f in plugins) if row is not None]
     return setup, fields, registry.summary()
 
 
@@ -255,10 +256,9 @@ def model_card(
     if own_data and model.validation_indices is not None and len(model.validation_indices):
         card["training"]["heldout_elbo_per_cell"] = model.get_elbo(
             indices=model.validation_indices)
-    has_proteins = MODALITY_SITES["protein"] in model.observed_features()
-    modalities = ["rna", "protein"] if has_proteins else [None]
+    observed = list(modalities(model))
     checks = {}
-    for modality in modalities:
+    for modality in observed if len(observed) > 1 else [None]:
         suffix = "" if modality in (None, "rna") else f"_{modality}"
         for metric, table in _cv_tables(model, adata, splits, n_samples, seed,
                                         modality).items():
@@ -317,9 +317,17 @@ def _pairs(mapping: dict) -> str:
 _CHECK_TITLES = {
     "cv_cell": "Cell-wise coefficient of variation",
     "cv_gene": "Gene-wise coefficient of variation",
-    "cv_cell_protein": "Cell-wise coefficient of variation (proteins)",
-    "cv_gene_protein": "Protein-wise coefficient of variation",
 }
+
+
+def _check_title(metric: str) -> str:
+    """Heading of a check's table; other modalities than RNA carry their name as suffix."""
+    if metric in _CHECK_TITLES:
+        return _CHECK_TITLES[metric]
+    for base, what in (("cv_cell_", "Cell-wise"), ("cv_gene_", "Feature-wise")):
+        if metric.startswith(base):
+            return f"{what} coefficient of variation ({metric[len(base):]})"
+    return metric
 
 
 def card_markdown(card: dict) -> str:
@@ -353,7 +361,7 @@ def card_markdown(card: dict) -> str:
         for metric, table in checks.items():
             rows = [{"metric": name, **{c: table[c][i] for c in table if c != "index"}}
                     for i, name in enumerate(table["index"])]
-            out.append(f"### {_CHECK_TITLES.get(metric, metric)}\n\n" + _table(rows))
+            out.append(f"### {_check_title(metric)}\n\n" + _table(rows))
     if "differential_expression" in card:
         out.append("## Differential expression (raw vs generated, Wilcoxon, one vs rest)\n\n"
                    + _table(card["differential_expression"]))

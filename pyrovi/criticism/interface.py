@@ -21,13 +21,7 @@ if TYPE_CHECKING:
 
     from pyrovi.data import AnnDataRegistry, CellData
 
-__all__ = ["GENE_SITE", "PROTEIN_SITE", "TrainedModel", "check_trained_model",
-           "feature_columns"]
-
-#: The observed sites of gene counts and of protein counts in pyrovi's modules (what
-#: ``gene_list``/``protein_list`` arguments and ``modality="rna"``/``"protein"`` select).
-GENE_SITE = "x"
-PROTEIN_SITE = "y"
+__all__ = ["TrainedModel", "check_trained_model", "feature_columns"]
 
 
 @runtime_checkable
@@ -50,8 +44,8 @@ class TrainedModel(Protocol):
         its flattened AnnData).
     registry
         :class:`~pyrovi.data.AnnDataRegistry` of ``adata``: the set-up arguments, category
-        names and summary that the model card lists, the counts layer, the protein field and
-        the batch names.
+        names and summary that the model card lists, the declared data fields (whose
+        ``modality`` names the observed modalities the checks select) and the batch names.
     is_trained
         Whether the model has been trained (or loaded trained).
     history
@@ -110,8 +104,8 @@ class TrainedModel(Protocol):
         """Names of the features of every observed site: ``{site: feature names}``.
 
         In the order of the columns of :meth:`posterior_predictive_sample`, which returns
-        the observed sites side by side (e.g. ``{"x": genes}``, or ``{"x": genes, "y":
-        proteins}`` for TOTALVI).
+        the observed sites side by side (e.g. ``{"x": genes}``, and one entry more for each
+        further modality a multi-modal model observes).
         """
         ...
 

@@ -92,12 +92,12 @@ class PosteriorPredictiveCheck:
         Cells of ``adata`` to check (positions or a boolean mask), e.g. a model's
         ``train_indices`` or ``validation_indices``; default all.
     modality
-        ``"rna"`` (default) checks genes; ``"protein"`` checks the protein counts of TOTALVI
-        models (``posterior_predictive_sample`` returns genes then proteins; the protein
-        columns are kept). Single-modality models accept only ``None``/``"rna"``.
+        ``"rna"`` (default) checks genes; another modality the models' data fields declare
+        (``model.registry.fields``, e.g. TOTALVI's second one) checks its counts instead: of
+        the columns of ``posterior_predictive_sample``, those of that modality are kept.
     count_layer_key
-        Where the observed counts are: an ``adata.layers`` key for RNA, an ``adata.obsm`` key
-        for proteins; default the models' registered field.
+        Where the observed counts are (an ``adata.layers`` key for RNA, the ``adata.obsm``
+        key of another modality); default the models' registered field.
     batch_size
         Cells per call to ``posterior_predictive_sample`` (default: as many as fit in
         ``2**24`` values of a cells × features × samples block).
@@ -115,7 +115,7 @@ class PosteriorPredictiveCheck:
     obs
         ``adata.obs`` of the checked cells.
     var_names
-        Feature names (genes, or proteins for ``modality="protein"``).
+        Feature names (genes, or those of the checked modality).
     metrics
         Computed metrics.
 

@@ -2,8 +2,9 @@
 
 The part of :class:`~pyrovi.criticism.PosteriorPredictiveCheck` (in :mod:`pyrovi.criticism`)
 that talks to the models, through :class:`~pyrovi.criticism.TrainedModel` only: which
-observed site a modality checks, the observed counts and feature names of that site, and
-the generated datasets, drawn in chunks of cells and stored one matrix per sample.
+observed site a modality checks (as the models' data fields declare it), the observed
+counts and feature names of that site, and the generated datasets, drawn in chunks of
+cells and stored one matrix per sample.
 """
 
 from __future__ import annotations
@@ -15,31 +16,49 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from pyrovi.criticism.interface import GENE_SITE, PROTEIN_SITE, TrainedModel, feature_columns
+from pyrovi.criticism.interface import TrainedModel, feature_columns
 from pyrovi.criticism.stats import Matrix
-from pyrovi.data.proteins import protein_matrix
-from pyrovi.data.registry import counts_matrix
+from pyrovi.data.fields import DataField
 
-#: Observed site checked for each modality.
-MODALITY_SITES = {"rna": GENE_SITE, "protein": PROTEIN_SITE}
+#: The modality checked when none is named: the counts of the ``x`` site.
+DEFAULT_MODALITY = "rna"
 #: Elements (cells × features × samples) of one dense block (calibration, sampling chunks).
 BLOCK_ELEMENTS = 2**24
 
 
+def declared_modalities() -> set[str]:
+    """Every modality a data field class declares (of pyrovi or of a plug-in)."""
+    found, stack = set(), [DataField]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.modality is not None:
+            found.add(cls.modality)
+    return found
+
+
+def modality_field(model: TrainedModel, modality: str):
+    """The data field of ``model`` that observes ``modality``, or ``None``."""
+    return next((f for f in model.registry.fields if f.modality == modality), None)
+
+
+def modalities(model: TrainedModel) -> dict[str, str]:
+    """``{modality: observed site}`` of ``model``, as its registry's fields declare them."""
+    return {f.modality: f.key for f in model.registry.fields if f.modality is not None}
+
+
 def check_modality(modality: str | None, models: Mapping[str, TrainedModel]) -> str:
-    """The checked modality (``"rna"`` by default); every model must observe its site."""
+    """The checked modality (``"rna"`` by default); every model must observe it."""
     if modality is None:
-        return "rna"
-    if modality not in MODALITY_SITES:
-        raise ValueError(f"modality must be None, 'rna' or 'protein', got {modality!r}.")
-    if modality == "protein":
-        site = MODALITY_SITES[modality]
-        lacking = [name for name, model in models.items()
-                   if site not in model.observed_features()]
-        if lacking:
-            raise ValueError(
-                f"modality='protein' needs models with protein counts (TOTALVI); "
-                f"{lacking} model(s) only RNA: use modality=None or 'rna' for them.")
+        return DEFAULT_MODALITY
+    known = sorted(declared_modalities())
+    if modality not in known:
+        raise ValueError(f"modality must be None or one of {known}, got {modality!r}.")
+    lacking = [name for name, model in models.items() if modality not in modalities(model)]
+    if lacking:
+        raise ValueError(
+            f"modality={modality!r} needs models that observe it; {lacking} observe only "
+            f"{sorted(modalities(models[lacking[0]]))}: check them separately.")
     return modality
 
 
@@ -54,9 +73,10 @@ def observed_counts(adata, models: Mapping[str, TrainedModel], modality: str,
     models
         ``{name: model}``.
     modality
-        ``"rna"`` or ``"protein"``.
+        A modality every model observes (``"rna"``, or another a data field declares).
     key
-        ``count_layer_key`` of the check: a layer (RNA) or ``obsm`` key (proteins).
+        ``count_layer_key`` of the check: where to read the counts instead (a layer for
+        RNA, an ``obsm`` key for another modality).
 
     Returns
     -------
@@ -64,44 +84,32 @@ def observed_counts(adata, models: Mapping[str, TrainedModel], modality: str,
         The counts matrix of every cell of ``adata``, the feature names, and ``{model name:
         columns of the modality in its posterior_predictive_sample output}``.
     """
-    site = MODALITY_SITES[modality]
-    if modality == "rna":
-        var_names = pd.Index(adata.var_names.astype(str))
-        for name, model in models.items():
-            model_names = pd.Index(pd.Index(model.observed_features()[site]).astype(str))
-            if not model_names.equals(var_names):
-                n_diff = len(model_names.symmetric_difference(var_names))
+    fields = {name: modality_field(model, modality) for name, model in models.items()}
+    site = next(iter(fields.values())).key
+    first_name, first = next(iter(models.items()))
+    names = pd.Index(pd.Index(first.observed_features()[site]).astype(str))
+    if site == "x":
+        # The genes are adata's own variables.
+        names = pd.Index(adata.var_names.astype(str))
+    for name, model in models.items():
+        model_names = pd.Index(pd.Index(model.observed_features()[site]).astype(str))
+        if not model_names.equals(names):
+            if site == "x":
+                n_diff = len(model_names.symmetric_difference(names))
                 raise ValueError(
                     f"Model {name!r} has {len(model_names)} genes and adata "
-                    f"{len(var_names)}; {n_diff} differ (or their order does). Subset "
+                    f"{len(names)}; {n_diff} differ (or their order does). Subset "
                     "adata to the model's genes, in the model's order "
                     "(adata[:, model.var_names]).")
-        layers = {m.registry.layer for m in models.values()}
-        if key is None and len(layers) > 1:
-            raise ValueError(f"The models read counts from different layers {layers}; "
-                             "pass count_layer_key=.")
-        layer = key if key is not None else layers.pop()
-        columns = {name: feature_columns(model, site) for name, model in models.items()}
-        return counts_matrix(adata, layer), var_names, columns
-    first = next(iter(models.values()))
-    proteins = pd.Index(pd.Index(first.observed_features()[site]).astype(str))
-    for name, model in models.items():
-        names = pd.Index(model.observed_features()[site])
-        if not names.astype(str).equals(proteins):
-            raise ValueError(f"Model {name!r} has other proteins than "
-                             f"{next(iter(models))!r}: {list(names)}.")
-    obsm_key = key if key is not None else first.registry.protein_expression_obsm_key
-    raw = protein_matrix(adata, obsm_key)
-    stored = adata.obsm[obsm_key]
-    if isinstance(stored, pd.DataFrame) and not pd.Index(
-            stored.columns.astype(str)).equals(proteins):
-        raise ValueError(f"The proteins of adata.obsm[{obsm_key!r}] "
-                         f"({list(stored.columns)}) are not the models' {list(proteins)}.")
-    if raw.shape[1] != len(proteins):
-        raise ValueError(f"adata.obsm[{obsm_key!r}] has {raw.shape[1]} columns; the models "
-                         f"have {len(proteins)} proteins.")
+            raise ValueError(f"Model {name!r} has other {modality} features than "
+                             f"{first_name!r}: {list(model_names)}.")
+    sources = {field.source for field in fields.values()}
+    if key is None and len(sources) > 1:
+        raise ValueError(f"The models read their {modality} counts from different places "
+                         f"{sources}; pass count_layer_key=.")
+    raw = next(iter(fields.values())).observed_counts(adata, key, names=list(names))
     columns = {name: feature_columns(model, site) for name, model in models.items()}
-    return raw, proteins, columns
+    return raw, names, columns
 
 
 def draw_datasets(name: str, model: TrainedModel, adata, flat, positions: np.ndarray,

@@ -218,10 +218,15 @@ class DataField:
     is_counts
         Gathered as a count matrix (:class:`~pyrovi.data.tensors.CountMatrix`: kept
         sparse on the device, densified per minibatch) rather than as a tensor.
+    modality
+        For an observed modality (the model's sample site of the same name as :attr:`key`):
+        its name in the reports (``modality=`` of the posterior predictive check, the
+        model card's tables), else ``None``.
     """
 
     key: str = ""
     is_counts: bool = False
+    modality: str | None = None
     #: Flat registry entries this kind of field owns, with their defaults (serialized with
     #: the registry, under the same names as the attributes pyrovi 0.1/0.2 saved).
     registry_keys: dict = {}
@@ -244,6 +249,38 @@ class DataField:
     def cell_array(self, adata):
         """Per-cell array (cells on axis 0; numpy or scipy sparse), or ``None``."""
         raise NotImplementedError
+
+    @property
+    def source(self) -> str | None:
+        """Where in an AnnData the field is read (a layer or ``obsm`` key), for messages."""
+        return None
+
+    def location(self) -> str:
+        """The field's place in an AnnData, as code (``adata.obsm['key']``)."""
+        return "adata"
+
+    def observed_counts(self, adata, source: str | None = None, names=None):
+        """The observed counts of a modality field, every cell of ``adata``.
+
+        Parameters
+        ----------
+        adata
+            The (flattened) AnnData.
+        source
+            Another place to read them from (a layer or ``obsm`` key), default the field's.
+        names
+            The model's feature names, to check the columns against where the data name
+            them.
+        """
+        raise TypeError(f"{type(self).__name__} is not an observed modality.")
+
+    def setup_arguments(self) -> dict:
+        """The ``setup_anndata`` arguments of a plug-in field (for the model card)."""
+        return {}
+
+    def card_row(self, registry) -> dict | None:
+        """The plug-in field's row of the model card's data registry table."""
+        return None
 
     @classmethod
     def from_registry(cls, registry) -> DataField | None:
@@ -271,9 +308,20 @@ class CountsField(DataField):
 
     key = "x"
     is_counts = True
+    modality = "rna"
 
     def __init__(self, layer: str | None = None):
         self.layer = layer
+
+    @property
+    def source(self) -> str | None:
+        return self.layer
+
+    def location(self) -> str:
+        return counts_source(self.layer)
+
+    def observed_counts(self, adata, source: str | None = None, names=None):
+        return counts_matrix(adata, source if source is not None else self.layer)
 
     def register(self, adata, registry) -> None:
         matrix = counts_matrix(adata, self.layer)

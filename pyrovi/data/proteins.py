@@ -256,6 +256,7 @@ class ProteinField(DataField):
 
     key = "y"
     is_counts = True
+    modality = "protein"
     registry_keys = {"protein_expression_obsm_key": None, "protein_names": [],
                      "protein_batch_mask": []}
     derived = {
@@ -282,6 +283,33 @@ class ProteinField(DataField):
 
     def cell_array(self, adata):
         return protein_matrix(adata, self.obsm_key)
+
+    @property
+    def source(self) -> str | None:
+        return self.obsm_key
+
+    def setup_arguments(self) -> dict:
+        return {"protein_expression_obsm_key": self.obsm_key}
+
+    def card_row(self, registry) -> dict | None:
+        return {"field": "proteins", "size": registry.n_proteins, "location": self.location()}
+
+    def location(self) -> str:
+        return f"adata.obsm[{self.obsm_key!r}]"
+
+    def observed_counts(self, adata, source: str | None = None, names=None):
+        key = source if source is not None else self.obsm_key
+        counts = protein_matrix(adata, key)
+        stored = adata.obsm[key]
+        if names is not None:
+            names = [str(n) for n in names]
+            if isinstance(stored, pd.DataFrame) and list(stored.columns.astype(str)) != names:
+                raise ValueError(f"The proteins of adata.obsm[{key!r}] "
+                                 f"({list(stored.columns)}) are not the models' {names}.")
+            if counts.shape[1] != len(names):
+                raise ValueError(f"adata.obsm[{key!r}] has {counts.shape[1]} columns; the "
+                                 f"models have {len(names)} proteins.")
+        return counts
 
     @classmethod
     def from_registry(cls, registry) -> ProteinField | None:

@@ -9,8 +9,8 @@ between them by name:
   zeros of probability ``sigmoid(zi_logits)``.
 - :class:`Poisson` ``(mu)``.
 - :class:`NegativeBinomialMixture` ``(mu1, mu2, theta1, mixture_logits, theta2=None)``: a
-  two-component negative binomial mixture, totalVI's protein background/foreground
-  likelihood, with weight ``sigmoid(mixture_logits)`` on component 1.
+  two-component negative binomial mixture (totalVI's background/foreground likelihood),
+  with weight ``sigmoid(mixture_logits)`` on component 1.
 
 :func:`nb_log_prob` and :func:`zinb_log_prob` are the reference log-densities (the
 formulas of the papers, plain autograd); :func:`log_nb_positive` and

@@ -14,11 +14,12 @@ class Dispersion(nn.Module):
     Parameters
     ----------
     n_features
-        Number of features (genes, proteins).
+        Number of features (genes, or the features of another modality).
     mode
         ``"gene"`` (one theta per feature), ``"gene-batch"`` / ``"gene-label"`` (one per
         feature and batch / label), or ``"gene-cell"`` (predicted by the decoder per cell).
-        Protein models use the same modes with ``protein`` for ``gene``.
+        Another modality names its features in place of ``gene`` (TotalVI's
+        ``"peak-batch"``): the word before the dash is a name, the rest the grouping.
     n_batch, n_labels
         Number of groups for the grouped modes.
     log_theta_init
@@ -27,16 +28,16 @@ class Dispersion(nn.Module):
     Notes
     -----
     Like scvi-tools, theta is a point estimate (a parameter, not a latent variable), stored
-    on the log scale and initialised from a standard normal for genes. Protein models start
-    ``log theta`` uniformly in ``[0, 2]`` (as scvi-tools' TotalVI): a protein starting with
-    a very small theta can settle in a single overdispersed component with a foreground
-    probability near 1 in every cell.
+    on the log scale and initialised from a standard normal unless ``log_theta_init`` says
+    otherwise (TotalVI's mixture starts in ``[0, 2]``, as scvi-tools': a feature starting
+    with a very small theta can settle in a single overdispersed component).
     """
 
     def __init__(self, n_features: int, mode: str = "gene", n_batch: int = 1, n_labels: int = 1,
                  log_theta_init: tuple[float, float] | None = None):
         super().__init__()
-        canonical = mode.replace("protein", "gene")
+        feature, dash, grouping = mode.partition("-")
+        canonical = "gene" + dash + grouping if feature.isidentifier() else mode
         if canonical not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {mode!r}.")
         self.mode = canonical

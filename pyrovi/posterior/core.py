@@ -332,7 +332,7 @@ def posterior_predictive(
     Parameters
     ----------
     site
-        Observed site, or several (e.g. ``("x", "y")`` for RNA and protein), whose values
+        Observed site, or several (e.g. ``("x", "y")`` for two modalities), whose values
         from the same draw are concatenated along the feature axis.
     columns
         Optional integer positions of features to keep, after concatenation (limits

@@ -42,10 +42,10 @@ class VampPrior(nn.Module):
     """p(z) = Σ_k w_k q(z | u_k): the encoder's posterior at ``n_components`` pseudo-inputs.
 
     The pseudo-inputs ``u_k`` live in the encoder's input space (``log1p`` counts for scVI,
-    ``log1p`` RNA ⊕ protein for TotalVI) and are learned with the rest of the model, so the
-    prior moves towards the aggregate posterior. They are unconstrained: nothing keeps them
-    non-negative, since only the encoder's output at them matters. Weights are uniform (as
-    in the paper) or learned.
+    those of every modality side by side for a multi-modal model) and are learned with the
+    rest of the model, so the prior moves towards the aggregate posterior. They are
+    unconstrained: nothing keeps them non-negative, since only the encoder's output at them
+    matters. Weights are uniform (as in the paper) or learned.
 
     **Coupling with the encoder.** The prior evaluates the model's own encoder but does
     not own it: the encoder is kept as a plain attribute, not a registered submodule, so it
