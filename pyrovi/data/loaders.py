@@ -146,15 +146,11 @@ def on_disk_cell_data(
 
     Notes
     -----
-    Measured with ``benchmarks/out_of_core.py`` (the "Out-of-core training" section of
-    ``benchmarks/RESULTS.md``, SCVI on 100,000 and 300,000 cells, the same files for both):
-    annbatch read zarr stores as anndata writes them (large Zstandard chunks) with 12-46%
-    more minibatches per CPU-second, for 6-7% shorter epochs; from annbatch's own sharded
-    layout it was no faster (-20% to +20% over three runs, epochs from 11% shorter to 17%
-    longer); and it always held 30-100 MB more (it keeps the previous buffer while it
-    fetches the next). h5ad files, which annbatch cannot read, are the cheapest to read
-    (3-5 times less CPU than either zarr layout; training from them takes about the time
-    it takes in memory). Hence pyrovi's reader by default and annbatch on request.
+    pyrovi's reader is the default because ``benchmarks/out_of_core.py`` (the "Out-of-core
+    training" section of ``benchmarks/RESULTS.md``) found annbatch faster only on zarr
+    stores as anndata writes them, never on its own sharded layout, always with more
+    memory (it keeps the previous buffer while it fetches the next), and unable to read
+    h5ad files, which are the cheapest to read of all. annbatch is there on request.
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}.")

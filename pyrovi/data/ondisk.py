@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover - anndata 0.10
     from anndata.experimental import read_elem, sparse_dataset
 
 #: Gaps between wanted rows smaller than this many bytes are read through rather than
-#: skipped: one more read costs about as much as reading this much data (h5py: ~50 µs a
-#: read; zarr: ~1 ms), so skipping a small gap would be slower, not leaner.
+#: skipped: one more read costs about as much as reading this much data (see "Costs behind
+#: constants" in ``benchmarks/RESULTS.md``), so skipping a small gap would be slower.
 READ_THROUGH_BYTES = 64 * 1024
 
 #: Stored values per block of a pass over a whole matrix on disk (count validation, cell

@@ -233,9 +233,9 @@ NO_WEIGHT_DECAY = "_pyrovi_no_weight_decay"
 def make_adam(params: list[torch.Tensor], **options) -> torch.optim.Adam:
     """Adam with torch's fused kernel where the parameters allow it.
 
-    The fused update (one kernel for all parameters) is 5-8x faster than the multi-tensor
-    ("foreach") one on CPU, where foreach falls back to a loop over parameters; see
-    ``benchmarks/RESULTS.md``. It needs floating-point parameters on CPU or CUDA.
+    The fused update (one kernel for all parameters) avoids the multi-tensor ("foreach")
+    one's fallback to a loop over parameters on CPU (see "Costs behind constants" in
+    ``benchmarks/RESULTS.md``). It needs floating-point parameters on CPU or CUDA.
 
     Parameters
     ----------
