@@ -3,9 +3,8 @@
 from pyrovi.models.base import BaseModel
 from pyrovi.models.ldvae import LDVAE
 from pyrovi.models.scvi import SCVI, library_size_priors
-from pyrovi.models.scvi_module import GENE_LIKELIHOODS, SCVIModule, count_likelihood
 from pyrovi.models.totalvi import TOTALVI
-from pyrovi.models.totalvi_module import TOTALVIModule
+from pyrovi.modules import GENE_LIKELIHOODS, SCVIModule, TOTALVIModule, count_likelihood
 
 __all__ = [
     "GENE_LIKELIHOODS",

@@ -1,4 +1,4 @@
-"""The scVI model: user API around :class:`~pyrovi.models.scvi_module.SCVIModule`."""
+"""The scVI model: user API around :class:`~pyrovi.modules.SCVIModule`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pyrovi.data import AnnDataRegistry, CellTensors, setup_anndata, standard_fi
 from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import transfer
 from pyrovi.models.base import BaseModel
-from pyrovi.models.scvi_module import SCVIModule
+from pyrovi.modules import SCVIModule
 from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
 
 
@@ -43,7 +43,7 @@ class SCVI(BaseModel):
         ``"zinb"``, ``"nb"``, ``"poisson"`` or a callable ``(mu, theta, zi_logits) ->
         Distribution`` (a Pyro distribution per gene; the model then learns a dispersion
         and a zero-inflation head for it to use, see
-        :func:`~pyrovi.models.scvi_module.count_likelihood`). A callable is not saved by
+        :func:`~pyrovi.modules.scvi.count_likelihood`). A callable is not saved by
         :meth:`save`: pass it again to :meth:`load`.
     latent_distribution
         ``"normal"`` or ``"ln"`` (logistic normal).

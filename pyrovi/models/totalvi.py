@@ -1,4 +1,4 @@
-"""TotalVI: user API around :class:`~pyrovi.models.totalvi_module.TOTALVIModule`."""
+"""TotalVI: user API around :class:`~pyrovi.modules.TOTALVIModule`."""
 
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from pyrovi.data.multimodal import (
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
 from pyrovi.io.model_classes import register_model_class
-from pyrovi.models import protein_background
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI, library_size_priors
-from pyrovi.models.totalvi_module import TOTALVIModule
+from pyrovi.modules import TOTALVIModule, protein_background
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pyrovi.distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
 )
-from pyrovi.infer.scaling import cell_plate
+from pyrovi.modules.plates import cell_plate
 from pyrovi.nn import (
     AmortizedEncoder,
     AmortizedPosterior,
