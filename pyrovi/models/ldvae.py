@@ -9,6 +9,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry
 from pyrovi.io.model_classes import register_model_class
+from pyrovi.models import outputs
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI
 from pyrovi.nn import LinearExpressionDecoder
@@ -119,7 +120,7 @@ class LDVAE(SCVI):
         """
         if rotation not in (None, "varimax"):
             raise ValueError(f"rotation must be None or 'varimax', got {rotation!r}.")
-        self._check_weights()
+        outputs.check_weights(self.module)
         weights = self.module.decoder.loadings().cpu().numpy()
         matrix = None
         if rotation == "varimax":

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry, CellTensors, setup_anndata, standard_fields
 from pyrovi.io.model_classes import register_model_class
-from pyrovi.models import transfer
+from pyrovi.models import outputs, transfer
 from pyrovi.models.base import BaseModel
 from pyrovi.modules import SCVIModule
 from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
@@ -303,14 +303,14 @@ class SCVI(BaseModel):
         ``None`` keeps each cell's own batch; the draw is shared by all codes.
         """
         batch = draw.batch
-        outputs = []
+        decoded = []
         for code in batch_codes:
             batch_index = batch["batch_index"]
             if code is not None:
                 batch_index = torch.full_like(batch_index, code)
-            outputs.append(self.module.generative(
+            decoded.append(self.module.generative(
                 **self._generative_inputs(draw.guide, batch, batch_index, code)))
-        return outputs
+        return decoded
 
     def _generative_inputs(self, posterior, batch: dict, batch_index, code) -> dict:
         """Arguments of ``module.generative`` for a posterior draw decoded in ``batch_index``."""
@@ -420,12 +420,12 @@ class SCVI(BaseModel):
         data, indices, adata_used = self.cell_data(adata, indices)
         columns = np.arange(self.registry.n_vars)
         if gene_list is not None:
-            columns = self._gene_positions(gene_list)
+            columns = outputs.gene_positions(self.var_names, gene_list)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
         [values] = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch), [self._column_extractor(key, columns)],
-            n_samples, batch_size or 1024,
+            data, None, outputs.batch_codes(self.registry, transform_batch),
+            [self._column_extractor(key, columns)], n_samples, batch_size or 1024,
         )
         return self._as_frames([values * scale], adata_used, indices, [self.var_names[columns]],
                                n_samples, return_mean, return_numpy)

@@ -27,6 +27,7 @@ from pyrovi.data.multimodal import (
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
 from pyrovi.io.model_classes import register_model_class
+from pyrovi.models import outputs
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi import SCVI, library_size_priors
 from pyrovi.modules import TOTALVIModule, protein_background
@@ -445,12 +446,12 @@ class TOTALVI(SCVI):
         """
         data, indices, adata_used = self.cell_data(adata, indices)
         genes = (np.arange(self.registry.n_vars) if gene_list is None
-                 else self._gene_positions(gene_list))
+                 else outputs.gene_positions(self.var_names, gene_list))
         proteins = self.feature_positions("y", protein_list)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
         rna, protein = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch),
+            data, None, outputs.batch_codes(self.registry, transform_batch),
             [self._column_extractor(key, genes),
              self._protein_extractor(proteins, include_protein_background,
                                      sample_protein_mixing, scale_protein)],
@@ -489,7 +490,7 @@ class TOTALVI(SCVI):
         proteins = self.feature_positions("y", protein_list)
         columns = torch.as_tensor(proteins, device=self.device)
         [values] = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch),
+            data, None, outputs.batch_codes(self.registry, transform_batch),
             [lambda p: torch.sigmoid(-p["mixing_logits"]).index_select(-1, columns)],
             n_samples, batch_size or 1024,
         )
@@ -556,10 +557,10 @@ class TOTALVI(SCVI):
             ``n_samples`` axis (genes first, then proteins, as scvi-tools).
         """
         genes = (np.arange(self.registry.n_vars) if gene_list is None
-                 else self._gene_positions(gene_list))
+                 else outputs.gene_positions(self.var_names, gene_list))
         columns = np.concatenate([genes, self.registry.n_vars
                                   + self.feature_positions("y", protein_list)])
-        return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
+        return outputs.predictive_counts(self, adata, indices, n_samples, columns, batch_size)
 
     # -- differential expression over genes and proteins ---------------------------------
 

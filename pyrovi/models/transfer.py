@@ -62,7 +62,7 @@ from pyrovi.data.registry import (
 from pyrovi.infer import resolve_device
 from pyrovi.infer.training import NO_WEIGHT_DECAY
 from pyrovi.io.model_files import SavedModel
-from pyrovi.models.base import restored_init_params
+from pyrovi.models.persistence import restored_init_params
 from pyrovi.modules.protein_background import missing_protein_mask
 from pyrovi.nn.fc import FCLayers
 
