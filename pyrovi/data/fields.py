@@ -245,6 +245,13 @@ class DataField:
         """Per-cell array (cells on axis 0; numpy or scipy sparse), or ``None``."""
         raise NotImplementedError
 
+    def check_query(self, query, registry) -> None:
+        """Check a reference-mapping query (which may add categories) against ``registry``."""
+
+    def extend_for_query(self, query, reference, extended) -> None:
+        """Record in ``extended`` (``reference``'s registry with the query's new categories)
+        this field's entries for the new categories, read from the query."""
+
     @classmethod
     def from_registry(cls, registry) -> DataField | None:
         """The plug-in field ``registry`` recorded, or ``None`` if it has none."""

@@ -75,6 +75,10 @@ class TOTALVIModule(SCVIModule):
 
     observed_sites = ("x", "y")
     site_dims = {**SCVIModule.site_dims, "protein_background": ("protein",), "y": ("protein",)}
+    #: Also the background prior's initial values and which proteins each batch measured.
+    #: (The background posterior network reads z, not the data: it counts as a decoder.)
+    data_driven_tensors = (*SCVIModule.data_driven_tensors, "background_prior_mean",
+                           "background_prior_log_scale", "protein_batch_mask")
 
     def __init__(
         self,
