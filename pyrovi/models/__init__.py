@@ -1,4 +1,4 @@
-"""Models (``pyrovi.models``): each a Pyro model/guide module plus its user API."""
+"""Models (``pyrovi.models``): the user API classes around the modules of :mod:`pyrovi.modules`."""
 
 from pyrovi.models.base import BaseModel
 from pyrovi.models.ldvae import LDVAE
