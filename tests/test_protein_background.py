@@ -11,14 +11,14 @@ import pytest
 import scipy.sparse as sp
 
 from pyrovi._gaussian_mixture import GaussianMixture1D
-from pyrovi.models import protein_background as pb
-from pyrovi.models.protein_background import (
+from pyrovi.modules import protein_background as pb
+from pyrovi.modules.protein_background import (
     default_protein_background_prior,
     empirical_protein_background_prior,
     missing_protein_mask,
 )
 
-LOGGER = "pyrovi.models.protein_background"
+LOGGER = "pyrovi.modules.protein_background"
 
 
 def simulate_proteins(n_per_batch=600, n_proteins=6, theta=20.0, seed=0):

@@ -19,7 +19,7 @@ from torch import nn
 import pyrovi
 from pyrovi.data import SetupError
 from pyrovi.datasets import simulate_cite_seq, simulate_counts
-from pyrovi.models.protein_background import empirical_protein_background_prior
+from pyrovi.modules.protein_background import empirical_protein_background_prior
 from pyrovi.zoo import top_variable_genes
 from tests.conftest import shared_dataset
 

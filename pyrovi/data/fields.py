@@ -282,6 +282,13 @@ class DataField:
         """The plug-in field's row of the model card's data registry table."""
         return None
 
+    def check_query(self, query, registry) -> None:
+        """Check a reference-mapping query (which may add categories) against ``registry``."""
+
+    def extend_for_query(self, query, reference, extended) -> None:
+        """Record in ``extended`` (``reference``'s registry with the query's new categories)
+        this field's entries for the new categories, read from the query."""
+
     @classmethod
     def from_registry(cls, registry) -> DataField | None:
         """The plug-in field ``registry`` recorded, or ``None`` if it has none."""

@@ -152,3 +152,27 @@ def flatten_mudata(
     flat.obsm[MUDATA_PROTEIN_KEY] = pd.DataFrame(
         proteins, index=obs.index, columns=[str(p) for p in protein.var_names])
     return flat
+
+
+def flatten_query(query, registry, obs_keys: dict[str, list[str]]):
+    """The flat AnnData of a reference-mapping query, laid out as the reference was.
+
+    ``query`` is returned as it is unless it is a MuData; then the reference must have been
+    set up from one (``registry.mudata_modalities``), and the query's modalities are read
+    as the reference's were. ``obs_keys`` gives the obs columns of each setup argument the
+    query must carry; the labels are taken where the query has them.
+    """
+    if not is_mudata(query):
+        return query
+    fields = registry.mudata_modalities
+    if not fields:
+        raise SetupError("The reference was set up from an AnnData; pass the query as an "
+                         "AnnData with the same layout.")
+    obs_keys = dict(obs_keys)
+    if registry.labels_key is not None:
+        labels_modality = query.mod.get(fields["labels_key"])
+        if labels_modality is not None and registry.labels_key in labels_modality.obs:
+            obs_keys["labels_key"] = [registry.labels_key]
+    return flatten_mudata(query, fields, fields["rna_layer_name"] or None,
+                          fields["protein_layer_name"] or None,
+                          {role: keys for role, keys in obs_keys.items() if keys})

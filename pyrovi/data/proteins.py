@@ -311,6 +311,28 @@ class ProteinField(DataField):
                                  f"models have {len(names)} proteins.")
         return counts
 
+    def check_query(self, query, registry) -> None:
+        check_protein_names(registry, query)
+
+    def extend_for_query(self, query, reference, extended) -> None:
+        """Which proteins the query's new batches measured, from the query's counts."""
+        if extended.n_batch <= reference.n_batch:
+            return
+        batch = category_codes(query, extended.batch_key, extended.batch_categories,
+                               "batch_key")
+        proteins = protein_matrix(query, extended.protein_expression_obsm_key)
+        mask = missing_protein_mask(proteins, batch, extended.n_batch)
+        extended.protein_batch_mask = (
+            [list(row) for row in reference.protein_batch_mask]
+            + mask[reference.n_batch:].tolist()
+        )
+        for b in range(reference.n_batch, extended.n_batch):
+            if not mask[b].all():
+                absent = [n for n, m in zip(extended.protein_names, mask[b], strict=True) if not m]
+                logger.warning(
+                    "%d protein(s) are all zero in query batch %r and will be treated as "
+                    "missing there: %s", len(absent), extended.batch_categories[b], absent[:10])
+
     @classmethod
     def from_registry(cls, registry) -> ProteinField | None:
         if registry.protein_expression_obsm_key is None:

@@ -19,56 +19,13 @@ passes them, their defaults leave both contexts neutral, and the handler does th
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-
-import pyro
-from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-#: Name of the plate over the cells of a minibatch, unless a module sets ``cell_plate``.
-CELL_PLATE = "cells"
+# The plate and the by-hand KL context live with the models that use them; they stay
+# importable from here and from pyrovi.infer.
+from pyrovi.modules.plates import CELL_PLATE, cell_plate, kl_scale
 
-
-@contextmanager
-def cell_plate(n_cells: int, n_obs: int | None = None, name: str = CELL_PLATE):
-    """Plate over the cells of a minibatch.
-
-    Under :class:`MinibatchScaling` (as in training) the sites in it are scaled to the
-    training set. Called by hand, ``n_obs`` does the same for a dataset of ``n_obs`` cells.
-
-    Parameters
-    ----------
-    n_cells
-        Cells in the minibatch.
-    n_obs
-        Cells in the dataset the ELBO refers to, for evaluating a model by hand; ``None``
-        leaves the scaling to :class:`MinibatchScaling` (or none outside it).
-    name
-        Plate name.
-
-    Examples
-    --------
-    >>> import pyro.distributions as dist
-    >>> def model(x):
-    ...     with cell_plate(x.shape[0]):
-    ...         pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
-    """
-    scale = 1.0 if n_obs is None else n_obs / n_cells
-    with pyro.plate(name, n_cells), (poutine.scale(scale=scale) if scale != 1.0 else nullcontext()):
-        yield
-
-
-def kl_scale(kl_weight: float = 1.0):
-    """Context that weights the latent sites' log-densities (model and guide) by ``kl_weight``.
-
-    For evaluating a model by hand with a warm-up weight; training applies the weight through
-    :class:`MinibatchScaling` instead. A weight of 0 masks the sites.
-    """
-    if kl_weight == 1.0:
-        return nullcontext()
-    if kl_weight == 0.0:
-        return poutine.mask(mask=False)
-    return poutine.scale(scale=kl_weight)
+__all__ = ["CELL_PLATE", "MinibatchScaling", "cell_plate", "kl_scale"]
 
 
 class MinibatchScaling(Messenger):
@@ -93,7 +50,8 @@ class MinibatchScaling(Messenger):
 
     Examples
     --------
-    >>> import torch, pyro.distributions as dist
+    >>> import torch, pyro, pyro.distributions as dist
+    >>> from pyro import poutine
     >>> def model(x):
     ...     with cell_plate(x.shape[0]):
     ...         pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)

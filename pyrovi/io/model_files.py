@@ -15,8 +15,8 @@ the restricted reader of :mod:`pyrovi.io.legacy`.
 
 :func:`model_state_files` and :func:`read_model_state` convert between these files and the
 *model state*, the plain dictionary a model class builds itself from
-(``BaseModel._saved_state``): ``model_class``, ``pyrovi_version``, ``init_params``,
-``registry``, ``var_names``, ``state_dict``, ``history``, ``history_index``,
+(``pyrovi.models.persistence.saved_state``): ``model_class``, ``pyrovi_version``,
+``init_params``, ``registry``, ``var_names``, ``state_dict``, ``history``, ``history_index``,
 ``train_indices``, ``validation_indices``, ``is_trained``, ``train_params``, ``data``.
 """
 

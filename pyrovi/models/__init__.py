@@ -1,11 +1,10 @@
-"""Models (``pyrovi.models``): each a Pyro model/guide module plus its user API."""
+"""Models (``pyrovi.models``): the user API classes around the modules of :mod:`pyrovi.modules`."""
 
 from pyrovi.models.base import BaseModel
 from pyrovi.models.ldvae import LDVAE
 from pyrovi.models.scvi import SCVI, library_size_priors
-from pyrovi.models.scvi_module import GENE_LIKELIHOODS, SCVIModule, count_likelihood
 from pyrovi.models.totalvi import TOTALVI
-from pyrovi.models.totalvi_module import TOTALVIModule
+from pyrovi.modules import GENE_LIKELIHOODS, SCVIModule, TOTALVIModule, count_likelihood
 
 __all__ = [
     "GENE_LIKELIHOODS",

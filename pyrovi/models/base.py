@@ -1,173 +1,26 @@
-"""User-facing API shared by every pyrovi model: training, inference, save/load.
+"""User-facing API shared by every pyrovi model: its state, data access, public methods.
 
-A model class pairs a registry (what it reads from AnnData) with a module (the Pyro
-model/guide pair, see ``*_module.py``). Subclasses only say how to build their module and
-add their model-specific outputs; everything else is here, once.
+A model pairs a registry (what it reads from AnnData) with a module (a Pyro model/guide
+pair of :mod:`pyrovi.modules`). The methods delegate to plain functions: training in
+:mod:`~pyrovi.models.training`, outputs in :mod:`~pyrovi.models.outputs`, saving and loading
+in :mod:`~pyrovi.models.persistence`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 
-from pyrovi._settings import check_seed
-from pyrovi._version import __version__
 from pyrovi.criticism.card import model_card
-from pyrovi.data import (
-    REGISTRY_UNS_KEY,
-    AnnDataRegistry,
-    CellData,
-    CellTensors,
-    build_cell_tensors,
-    get_registry,
-    register_new_data,
-)
+from pyrovi.data import AnnDataRegistry, CellData, CellTensors, build_cell_tensors, get_registry
 from pyrovi.data.indices import cell_positions
 from pyrovi.data.registry import check_registered_data, counts_matrix
-from pyrovi.data.streaming import LOADER_OPTIONS
-from pyrovi.infer import (
-    TrainingPlan,
-    default_max_epochs,
-    evaluate_dataset,
-    resolve_device,
-    split_indices,
-    train_svi,
-)
-from pyrovi.infer import checkpoint as checkpoints
-from pyrovi.infer.distributed import local_device, setup_data_parallel
-from pyrovi.io.bundle import to_json_value
-from pyrovi.io.checkpoint_files import read_checkpoint, write_checkpoint
-from pyrovi.io.model_files import SavedModel, save_model_folder
-from pyrovi.posterior import (
-    differential_expression,
-    latent_representation,
-    marginal_log_likelihood,
-    posterior_predictive,
-)
-
-logger = logging.getLogger(__name__)
-
-_PLAN_FIELDS = set(TrainingPlan.__dataclass_fields__)
-#: Key of the marker that stands in a checkpoint for a constructor argument save cannot
-#: store (a callable likelihood, a prior module instance).
-_UNSAVED = "__pyrovi_unsaved__"
-
-
-def _is_unsaved(value) -> bool:
-    return isinstance(value, dict) and set(value) == {_UNSAVED}
-
-
-def _as_plain(value):
-    """``value`` as JSON stores it, or ``None`` when JSON cannot hold it."""
-    try:
-        return to_json_value(value)
-    except TypeError:
-        return None
-
-
-def saved_init_params(init_params: dict) -> dict:
-    """Constructor arguments as :meth:`BaseModel.save` stores them (plain JSON values).
-
-    Custom objects (callables such as a ``gene_likelihood`` function, modules such as a
-    prior instance, anything JSON cannot hold) are replaced by a marker naming them: a
-    model file holds data only, never code. Their learned parameters are in the weights
-    all the same.
-
-    Parameters
-    ----------
-    init_params
-        The model's ``init_params``.
-
-    Returns
-    -------
-    dict
-    """
-    saved = {}
-    for name, value in init_params.items():
-        plain = None if callable(value) else _as_plain(value)
-        if plain is None and value is not None:
-            label = getattr(value, "__qualname__", None) or type(value).__name__
-            saved[name] = {_UNSAVED: label}
-        else:
-            saved[name] = plain
-    return saved
-
-
-def restored_init_params(saved: dict, given: dict, model_name: str) -> dict:
-    """Constructor arguments of a saved model, with the custom objects passed again.
-
-    Parameters
-    ----------
-    saved
-        ``init_params`` from a checkpoint (see :func:`saved_init_params`).
-    given
-        Arguments passed to ``load`` for the custom objects that were not saved.
-    model_name
-        Class name, for the messages.
-
-    Returns
-    -------
-    dict
-
-    Raises
-    ------
-    ValueError
-        If a custom object that was not saved is not given again.
-    TypeError
-        If ``given`` names an argument that was saved (only unsaved ones can be given).
-    """
-    unsaved = {name: value[_UNSAVED] for name, value in saved.items() if _is_unsaved(value)}
-    extra = sorted(set(given) - set(unsaved))
-    if extra:
-        raise TypeError(
-            f"load takes again only the constructor arguments that save could not store "
-            f"({sorted(unsaved) or 'none for this model'}); {extra} were saved with the model."
-        )
-    missing = {name: label for name, label in unsaved.items() if name not in given}
-    if missing:
-        listed = ", ".join(f"{name}= (it was {label})" for name, label in missing.items())
-        call = ", ".join(f"{name}=..." for name in missing)
-        raise ValueError(
-            f"This {model_name} was built with custom objects that save does not store: "
-            f"{listed}. Pass them again: {model_name}.load(dir_path, adata, {call}). A prior "
-            "module is given as a new instance of the same class; its learned parameters are "
-            "restored from the checkpoint."
-        )
-    return {**saved, **given}
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    """SHA-1 of a module's parameters and buffers (tells whether they changed)."""
-    digest = hashlib.sha1()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@contextmanager
-def _registry_in_uns(adata, registry: AnnDataRegistry):
-    """``adata.uns`` holds ``registry`` while a model is built on it (the constructor reads it
-    there); whatever ``adata.uns`` held before is back afterwards."""
-    missing = object()
-    before = adata.uns.get(REGISTRY_UNS_KEY, missing)
-    adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
-    try:
-        yield
-    finally:
-        if before is missing:
-            del adata.uns[REGISTRY_UNS_KEY]
-        else:
-            adata.uns[REGISTRY_UNS_KEY] = before
+from pyrovi.models import outputs, persistence, training
 
 
 class BaseModel(ABC):
@@ -202,8 +55,8 @@ class BaseModel(ABC):
         self.init_params = dict(init_params)
         self.module = self._build_module(adata, self.registry, **init_params)
         # Until training or loading changes them, the weights are the constructor's draw,
-        # which train(seed=...) may redraw from its seed (see _seed_initial_weights).
-        self._initial_weights = _weights_digest(self.module)
+        # which train(seed=...) may redraw from its seed (see training.seed_initial_weights).
+        self._initial_weights = training.weights_digest(self.module)
         self.history: pd.DataFrame | None = None
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
@@ -223,7 +76,6 @@ class BaseModel(ABC):
         state = "trained" if self.is_trained else "not trained"
         return f"{type(self).__name__}({params}) on {summary}; {state}"
 
-    # -- data ---------------------------------------------------------------------------
 
     @property
     def var_names(self) -> pd.Index:
@@ -297,36 +149,7 @@ class BaseModel(ABC):
                            f"{list(features)}).")
         if names is None:
             return np.arange(len(features[site]))
-        return self._gene_positions(names)
-
-    def _validate_anndata(self, adata=None):
-        """Return ``adata`` (default: the model's) registered with the model's registry.
-
-        Raises
-        ------
-        DataChangedError
-            The model's own data changed after setup (normalized, subset...).
-        RuntimeError
-            The weights are not finite (training diverged).
-        """
-        self._check_weights()
-        if adata is None or adata is self.adata:
-            check_registered_data(self.registry, self.adata)
-            return self.adata, self.registry
-        adata = self.as_anndata(adata)
-        # The registry stays with the model: the AnnData keeps its own set-up, if any.
-        return adata, register_new_data(self.registry, adata, self.var_names, store=False)
-
-    def _check_weights(self) -> None:
-        """Refuse outputs from weights that hold NaN or infinity (a diverged training run)."""
-        broken = [name for name, tensor in self.module.state_dict().items()
-                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-        if broken:
-            raise RuntimeError(
-                f"The model's weights hold NaN or infinite values ({', '.join(broken[:3])}"
-                f"{' ...' if len(broken) > 3 else ''}): training diverged, and every output "
-                "would be NaN. Build the model again and train with a lower learning rate "
-                "(lr=), or load a checkpoint from before the divergence.")
+        return outputs.gene_positions(self.var_names, names)
 
     def cell_data(self, adata=None, indices=None) -> tuple[CellData, np.ndarray, object]:
         """The requested cells on the model's device, their indices, and the AnnData used.
@@ -345,36 +168,22 @@ class BaseModel(ABC):
             The :class:`~pyrovi.data.CellData` the module's model and guide read, the cells'
             positions in ``adata``, and the AnnData read.
         """
-        adata, registry = self._validate_anndata(adata)
+        adata, registry = outputs.registered_data(self, adata)
         indices = cell_positions(indices, adata.n_obs)
         return build_cell_tensors(adata, registry, self.device, indices), indices, adata
 
-    # -- training -----------------------------------------------------------------------
 
     def train(
-        self,
-        max_epochs: int | None = None,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        train_size: float = 0.9,
-        validation_size: float | None = None,
-        early_stopping: bool | None = None,
-        n_epochs_kl_warmup: int | None = 400,
-        n_steps_kl_warmup: int | None = None,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        progress_bar: bool = True,
-        loss: str = "trace",
-        train_indices: Sequence[int] | None = None,
-        validation_indices: Sequence[int] | None = None,
-        plan_kwargs: dict | None = None,
-        loader_kwargs: dict | None = None,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-        keep_checkpoints: int | None = 1,
-        resume_from: str | os.PathLike | None = None,
-        strategy: str = "single",
-        **kwargs,
+        self, max_epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3,
+        train_size: float = 0.9, validation_size: float | None = None,
+        early_stopping: bool | None = None, n_epochs_kl_warmup: int | None = 400,
+        n_steps_kl_warmup: int | None = None, device: str | torch.device = "auto",
+        seed: int | None = None, progress_bar: bool = True, loss: str = "trace",
+        train_indices: Sequence[int] | None = None, validation_indices: Sequence[int] | None = None,
+        plan_kwargs: dict | None = None, loader_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+        keep_checkpoints: int | None = 1, resume_from: str | os.PathLike | None = None,
+        strategy: str = "single", **kwargs,
     ) -> BaseModel:
         """Fit the model by stochastic variational inference (Pyro ELBO, Adam).
 
@@ -477,206 +286,12 @@ class BaseModel(ABC):
         >>> model = pyrovi.SCVI(adata)  # doctest: +SKIP
         >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
-        if checkpoint_every is not None and checkpoint_dir is None and resume_from is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir= (where to write them).")
-        if resume_from is not None and strategy != "single":
-            raise ValueError("resume_from continues a single-process run; strategy='ddp' "
-                             "cannot resume it.")
-        if resume_from is not None:
-            return self._resume(resume_from, max_epochs=max_epochs, device=device,
-                                progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
-                                checkpoint_every=checkpoint_every, keep=keep_checkpoints)
-        options = {**(plan_kwargs or {}), **kwargs}
-        unknown = set(options) - _PLAN_FIELDS
-        if unknown:
-            raise TypeError(
-                f"Unknown training option(s) {sorted(unknown)}; valid: {sorted(_PLAN_FIELDS)}."
-            )
-        unknown = set(loader_kwargs or {}) - set(LOADER_OPTIONS)
-        if unknown:
-            raise TypeError(f"Unknown loader_kwargs {sorted(unknown)}; valid: {LOADER_OPTIONS}.")
-        self.device = resolve_device(device)
-        if strategy == "ddp":
-            self.device = local_device(self.device)
-        parallel = setup_data_parallel(strategy, self.device)
-        if seed is not None:
-            seed = check_seed(seed)
-            self._seed_initial_weights(seed)
-            # Each rank draws its own noise and minibatches; the split below uses `seed` alone.
-            pyro.set_rng_seed(seed + (parallel.rank if parallel is not None else 0))
-        self.module.to(self.device)
-        check_registered_data(self.registry, self.adata)
-        data = build_cell_tensors(self.adata, self.registry, self.device,
-                                  loader_kwargs=loader_kwargs)
-        if train_indices is not None:
-            explicit = (np.asarray(train_indices),
-                        np.asarray([] if validation_indices is None else validation_indices))
-            self._split = (("explicit",), explicit)
-        elif self._split is None or self._split[0] != (train_size, validation_size):
-            candidates = np.flatnonzero(data.informative)
-            rng = np.random.default_rng(seed)
-            self._split = ((train_size, validation_size),
-                           split_indices(candidates, train_size, validation_size, rng))
-        self.train_indices, self.validation_indices = self._split[1]
-        if early_stopping is None:
-            early_stopping = self._early_stopping_default and len(self.validation_indices) > 0
-            if self._early_stopping_default and not early_stopping:
-                logger.info("No validation cells (train_size=%s): training without early "
-                            "stopping, which monitors them.", train_size)
-        if max_epochs is None:
-            max_epochs = default_max_epochs(self.adata.n_obs)
-        plan = TrainingPlan(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            n_epochs_kl_warmup=n_epochs_kl_warmup,
-            n_steps_kl_warmup=n_steps_kl_warmup,
-            loss=loss,
-            early_stopping=early_stopping,
-            progress_bar=progress_bar,
-            **options,
+        return training.train(
+            self, max_epochs, batch_size, lr, train_size, validation_size, early_stopping,
+            n_epochs_kl_warmup, n_steps_kl_warmup, device, seed, progress_bar, loss,
+            train_indices, validation_indices, plan_kwargs, loader_kwargs, checkpoint_dir,
+            checkpoint_every, keep_checkpoints, resume_from, strategy, kwargs,
         )
-        logger.info(
-            "Training %s on %s: %d training and %d validation cells, %d epochs.",
-            type(self).__name__, self.device, len(self.train_indices),
-            len(self.validation_indices), max_epochs,
-        )
-        self.train_params = {
-            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
-            "train_size": train_size, "validation_size": validation_size,
-            "early_stopping": early_stopping, "n_epochs_kl_warmup": n_epochs_kl_warmup,
-            "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
-            "device": str(self.device), **options,
-            **({"loader_kwargs": dict(loader_kwargs)} if loader_kwargs else {}),
-            **({"strategy": strategy, "world_size": parallel.world_size} if parallel else {}),
-        }
-        self._initialize_prior(data)
-        start = 0 if self.history is None else int(self.history.index.max()) + 1
-        writer = None
-        if checkpoint_dir is not None and (parallel is None or parallel.is_main):
-            writer = self._checkpoint_writer(checkpoint_dir, checkpoint_every or 1,
-                                             keep_checkpoints, start, max_epochs, start)
-        return self._run_svi(data, plan, start, None, writer, parallel)
-
-    def _seed_initial_weights(self, seed: int) -> None:
-        """Redraw the initial weights from ``seed`` if they are still the constructor's.
-
-        So that a seed covers everything random in a run: ``SCVI(adata).train(seed=0)`` in
-        two fresh processes starts from the same weights. A model that was trained, loaded,
-        built for reference mapping or changed by hand keeps its weights.
-        """
-        if self.history is not None or _weights_digest(self.module) != self._initial_weights:
-            return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            fresh = self._build_module(self.adata, self.registry, **self.init_params)
-        # Into the same module object: references to model.module stay valid.
-        self.module.load_state_dict(fresh.state_dict())
-        self._initial_weights = _weights_digest(self.module)
-
-    def _run_svi(self, data: CellTensors, plan: TrainingPlan, start: int,
-                 resume_state: dict | None, writer, parallel=None) -> BaseModel:
-        """The SVI loop from epoch ``start``; its history is appended to the model's."""
-        history = train_svi(
-            self.module, data, self.train_indices, self.validation_indices, plan, start,
-            resume_state=resume_state, on_epoch_end=writer, parallel=parallel,
-        )
-        self.history = history if self.history is None else pd.concat([self.history, history])
-        self.is_trained = True
-        return self
-
-    def _checkpoint_writer(self, directory, every: int, keep: int | None, first_epoch: int,
-                           max_epochs: int, start: int,
-                           replace_later: bool = False) -> checkpoints.CheckpointWriter:
-        """The ``on_epoch_end`` callback writing this run's checkpoints."""
-        fingerprint = checkpoints.data_fingerprint(self.adata)
-        run = {"first_epoch": first_epoch, "max_epochs": max_epochs,
-               "split_key": self._split[0], "data": fingerprint}
-        return checkpoints.CheckpointWriter(
-            directory, every, keep,
-            lambda history: self._saved_state(history, True, fingerprint), write_checkpoint,
-            self.history, run, self.device, start_epoch=start, replace_later=replace_later,
-        )
-
-    def _resume(self, path, max_epochs: int | None, device, progress_bar: bool,
-                checkpoint_dir, checkpoint_every: int | None, keep: int | None) -> BaseModel:
-        """Restore the run checkpointed at ``path`` and train its remaining epochs."""
-        state = read_checkpoint(path)
-        if max_epochs is not None and max_epochs != state["max_epochs"]:
-            raise ValueError(
-                f"The run in {os.fspath(state['path'])!r} was for max_epochs="
-                f"{state['max_epochs']}; resume_from continues it to that end. Train further "
-                "with another train() call once it has finished."
-            )
-        self._restore(state)
-        done = state["epochs_done"]
-        end = state["first_epoch"] + state["max_epochs"]
-        if state["finished"] or done >= end:
-            logger.info("%s is the end of its run (%d epochs); nothing left to train.",
-                        state["path"].name, done)
-            return self
-        self.device = resolve_device(device)
-        self.module.to(self.device)
-        check_registered_data(self.registry, self.adata)
-        # The interrupted run's on-disk chunking: it decides the minibatches of its epochs.
-        data = build_cell_tensors(self.adata, self.registry, self.device,
-                                  loader_kwargs=self.train_params.get("loader_kwargs"))
-        options = {k: v for k, v in self.train_params.items() if k in _PLAN_FIELDS}
-        plan = TrainingPlan(**{**options, "max_epochs": end - done,
-                               "progress_bar": progress_bar})
-        logger.info("Resuming %s from %s: epochs %d to %d of the run, on %s.",
-                    type(self).__name__, state["path"], done, end - 1, self.device)
-        writer = self._checkpoint_writer(
-            checkpoint_dir or state["path"].parent, checkpoint_every or state["checkpoint_every"],
-            keep, state["first_epoch"], state["max_epochs"], done, replace_later=True,
-        )
-        # Last, so that nothing between here and the first minibatch draws from them.
-        checkpoints.set_rng_state(state["rng"], self.device)
-        resume_state = {k: state[k] for k in ("optimizer", "step", "early_stopping")}
-        return self._run_svi(data, plan, done, resume_state, writer)
-
-    def _restore(self, state: dict) -> None:
-        """Set weights, history, split and options from a checkpoint of a run of this model.
-
-        Raises
-        ------
-        TypeError
-            A checkpoint of another model class.
-        ValueError
-            Other genes, constructor arguments, setup or cells than this model's.
-        """
-        saved = state["model"]
-        where = os.fspath(state["path"])
-        if saved["model_class"] != type(self).__name__:
-            raise TypeError(f"{where!r} is a checkpoint of a {saved['model_class']}, not of a "
-                            f"{type(self).__name__}.")
-        if saved["var_names"] != list(map(str, self.var_names)):
-            raise ValueError(f"{where!r} is a checkpoint of a model on other genes.")
-        own = saved_init_params(self.init_params)
-        differ = sorted(k for k in set(own) | set(saved["init_params"])
-                        if own.get(k) != saved["init_params"].get(k))
-        if differ:
-            theirs = ", ".join(f"{k}={saved['init_params'].get(k)!r}" for k in differ)
-            raise ValueError(
-                f"{where!r} is a checkpoint of a {type(self).__name__} built with other "
-                f"arguments ({theirs}); build the model with them, or use "
-                f"{type(self).__name__}.load_checkpoint."
-            )
-        registry = to_json_value(self.registry.to_dict())
-        # The cells are compared below, with a message of their own.
-        differ = sorted(k for k in set(registry) | set(saved["registry"])
-                        if k not in ("n_cells", "count_fingerprint")
-                        and registry.get(k) != saved["registry"].get(k))
-        if differ:
-            raise ValueError(f"{where!r} is a checkpoint of a model set up differently "
-                             f"({differ} differ); call setup_anndata as for that run.")
-        if state["data"] != checkpoints.data_fingerprint(self.adata):
-            raise ValueError(
-                f"{where!r} is a checkpoint of a run on other cells ({state['data']['n_obs']} "
-                "cells, or other names); its train/validation split would not apply."
-            )
-        self._set_saved_state(saved)
-        self._split = (state["split_key"], (self.train_indices, self.validation_indices))
 
     @classmethod
     def load_checkpoint(cls, path: str | os.PathLike, adata, device: str = "cpu",
@@ -707,36 +322,12 @@ class BaseModel(ABC):
         >>> model = pyrovi.SCVI.load_checkpoint("run/checkpoints", adata)  # doctest: +SKIP
         >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
-        state = read_checkpoint(path)
-        model = cls._from_saved(state["model"], adata, device, custom_params,
-                                os.fspath(state["path"]))
-        model._split = (state["split_key"], (model.train_indices, model.validation_indices))
-        return model
+        return persistence.load_checkpoint(cls, path, adata, device, custom_params)
 
-    def _initialize_prior(self, data: CellTensors) -> None:
-        """Give a data-initialised prior (the VampPrior's pseudo-inputs) random training cells.
-
-        Done once, when training starts: the split is known then, so no validation cell
-        becomes a pseudo-input (which would flatter the held-out ELBO).
-        """
-        prior = getattr(self.module, "prior", None)
-        n_cells = getattr(prior, "n_init_cells", 0)
-        if not n_cells or not len(self.train_indices):
-            return
-        chosen = torch.randperm(len(self.train_indices))[:n_cells].numpy()
-        index = torch.as_tensor(np.asarray(self.train_indices)[chosen], dtype=torch.int64,
-                                device=data.device)
-        self.module.initialize_prior(data.minibatch(index))
-
-    # -- generic posterior outputs --------------------------------------------------------
 
     def get_latent_representation(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
-        n_samples: int = 1,
-        batch_size: int | None = None,
+        self, adata=None, indices: Sequence[int] | None = None, give_mean: bool = True,
+        n_samples: int = 1, batch_size: int | None = None,
     ) -> np.ndarray:
         """Latent representation of cells under the amortized posterior q(z | x).
 
@@ -762,19 +353,11 @@ class BaseModel(ABC):
         --------
         >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
         """
-        data, _, _ = self.cell_data(adata, indices)
-        return latent_representation(
-            self.module, data, None, give_mean=give_mean, n_samples=n_samples,
-            batch_size=batch_size or 1024,
-        )
+        return outputs.latent(self, adata, indices, give_mean, n_samples, batch_size)
 
     def posterior_predictive_sample(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        n_samples: int = 1,
-        gene_list: Sequence[str] | None = None,
-        batch_size: int | None = None,
+        self, adata=None, indices: Sequence[int] | None = None, n_samples: int = 1,
+        gene_list: Sequence[str] | None = None, batch_size: int | None = None,
     ) -> np.ndarray:
         """Counts drawn from the posterior predictive distribution.
 
@@ -783,37 +366,8 @@ class BaseModel(ABC):
         numpy.ndarray
             ``(n_cells, n_genes)`` for one sample, else ``(n_cells, n_genes, n_samples)``.
         """
-        columns = None if gene_list is None else self._gene_positions(gene_list)
-        return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
-
-    def _predictive_counts(self, adata, indices, n_samples, columns, batch_size) -> np.ndarray:
-        """Posterior predictive draws of the module's ``observed_sites`` (concatenated),
-        cells × columns (× samples)."""
-        data, _, _ = self.cell_data(adata, indices)
-        draws = posterior_predictive(
-            self.module, data, None, n_samples=n_samples, batch_size=batch_size or 1024,
-            site=self.module.observed_sites, columns=columns,
-        )
-        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
-
-    def _batch_codes(self, transform_batch) -> list[int | None]:
-        """Registry codes of batch names (``[None]``: each cell's own batch)."""
-        if transform_batch is None:
-            return [None]
-        batches = (
-            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
-        )
-        codes = []
-        for b in batches:
-            if str(b) not in self.registry.batch_categories:
-                raise KeyError(
-                    f"transform_batch={b!r} is not a batch of the model "
-                    f"(batches: {self.registry.batch_categories})."
-                )
-            codes.append(self.registry.batch_categories.index(str(b)))
-        return codes
-
-    # -- differential expression ----------------------------------------------------------
+        columns = None if gene_list is None else outputs.gene_positions(self.var_names, gene_list)
+        return outputs.predictive_counts(self, adata, indices, n_samples, columns, batch_size)
 
     @abstractmethod
     def _normalized_expression_sampler(self, data: CellTensors, batch_size: int):
@@ -821,28 +375,13 @@ class BaseModel(ABC):
         expression, one posterior draw per position (what differential expression compares)."""
 
     def differential_expression(
-        self,
-        adata=None,
-        groupby: str | None = None,
-        group1: str | Sequence[str] | None = None,
-        group2: str | None = None,
-        idx1=None,
-        idx2=None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size: int | None = None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1: Sequence[str] | None = None,
-        batchid2: Sequence[str] | None = None,
-        fdr_target: float = 0.05,
-        silent: bool = False,
-        n_samples: int = 5000,
-        use_permutation: bool = False,
-        m_permutation: int = 10000,
-        pseudocounts: float | None = None,
-        test_mode: str = "three",
-        seed: int | None = None,
+        self, adata=None, groupby: str | None = None, group1: str | Sequence[str] | None = None,
+        group2: str | None = None, idx1=None, idx2=None, mode: str = "vanilla",
+        delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
+        batch_correction: bool = False, batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None, fdr_target: float = 0.05, silent: bool = False,
+        n_samples: int = 5000, use_permutation: bool = False, m_permutation: int = 10000,
+        pseudocounts: float | None = None, test_mode: str = "three", seed: int | None = None,
         **sampler_kwargs,
     ) -> pd.DataFrame:
         """Bayesian differential expression between groups of cells (scvi-tools' interface).
@@ -896,9 +435,8 @@ class BaseModel(ABC):
         seed
             Seed for the choice of cells and pairs (posterior draws follow torch's seed).
         **sampler_kwargs
-            Model-specific options of the expression samples (TotalVI:
-            ``protein_prior_count``, ``scale_protein``, ``sample_protein_mixing``,
-            ``include_protein_background``).
+            Model-specific options of the expression samples (those of the model's
+            ``get_normalized_expression``, e.g. TotalVI's).
 
         Returns
         -------
@@ -916,63 +454,31 @@ class BaseModel(ABC):
         >>> de = model.differential_expression(groupby="bulk_labels", mode="change")
         >>> de[de["is_de_fdr_0.05"] & (de["group1"] == "CD14+ Monocyte")].head()
         """
-        adata, registry = self._validate_anndata(adata)
-        if not batch_correction and (batchid1 is not None or batchid2 is not None):
-            raise ValueError("batchid1/batchid2 choose the batches used for batch correction; "
-                             "pass batch_correction=True with them.")
-
-        def codes(batchid):
-            if not batch_correction:
-                return [None]
-            return self._batch_codes(list(registry.batch_categories if batchid is None
-                                          else batchid))
-
-        data = build_cell_tensors(adata, registry, self.device)
-        counts, feature_names = self._de_features(adata, registry)
-        return differential_expression(
-            self._normalized_expression_sampler(data, batch_size or 1024, **sampler_kwargs),
-            counts,
-            adata.obs,
-            feature_names,
+        return outputs.model_differential_expression(
+            self, adata, batch_size, batch_correction, batchid1, batchid2, sampler_kwargs,
             groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2,
-            mode=mode, delta=delta, batch_codes1=codes(batchid1), batch_codes2=codes(batchid2),
-            fdr_target=fdr_target, n_samples=n_samples, use_permutation=use_permutation,
-            m_permutation=m_permutation, pseudocounts=pseudocounts, test_mode=test_mode,
-            all_stats=all_stats, seed=seed, silent=silent,
+            mode=mode, delta=delta, fdr_target=fdr_target, n_samples=n_samples,
+            use_permutation=use_permutation, m_permutation=m_permutation,
+            pseudocounts=pseudocounts, test_mode=test_mode, all_stats=all_stats, seed=seed,
+            silent=silent,
         )
 
     def _de_features(self, adata, registry: AnnDataRegistry):
         """Observed counts and names of the features differential expression reports."""
         return counts_matrix(adata, registry.layer), list(map(str, self.var_names))
 
-    def _gene_positions(self, gene_list: Sequence[str]) -> np.ndarray:
-        positions = self.var_names.get_indexer(list(gene_list))
-        if (positions < 0).any():
-            missing = [g for g, p in zip(gene_list, positions, strict=True) if p < 0]
-            raise KeyError(f"Genes not in the model: {missing[:10]}.")
-        return positions
-
     def get_elbo(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None,
         return_mean: bool = True,
     ) -> float | np.ndarray:
         """Evidence lower bound per cell (a one-sample estimate; higher is better).
 
         Same convention as scvi-tools' ``get_elbo``: the ELBO itself, not its negative.
         """
-        data, _, _ = self.cell_data(adata, indices)
-        terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
-        elbo = -terms.negative_elbo.cpu().numpy()
-        return float(elbo.mean()) if return_mean else elbo
+        return outputs.elbo(self, adata, indices, batch_size, return_mean)
 
     def get_reconstruction_error(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None,
         return_mean: bool = True,
     ) -> dict[str, float | np.ndarray]:
         """Reconstruction loss ``-log p(x | z)`` per cell for one posterior draw (lower is better).
@@ -982,18 +488,11 @@ class BaseModel(ABC):
         dict
             ``{"reconstruction_loss": value}`` (mean, or one value per cell).
         """
-        data, _, _ = self.cell_data(adata, indices)
-        terms = evaluate_dataset(self.module, data, None, batch_size or 1024)
-        loss = terms.reconstruction.cpu().numpy()
-        return {"reconstruction_loss": float(loss.mean()) if return_mean else loss}
+        return outputs.reconstruction_error(self, adata, indices, batch_size, return_mean)
 
     def get_marginal_ll(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        n_mc_samples: int = 1000,
-        batch_size: int | None = None,
-        return_mean: bool = True,
+        self, adata=None, indices: Sequence[int] | None = None, n_mc_samples: int = 1000,
+        batch_size: int | None = None, return_mean: bool = True,
     ) -> float | np.ndarray:
         """Marginal log-likelihood ``log p(x)`` per cell by importance sampling.
 
@@ -1008,11 +507,8 @@ class BaseModel(ABC):
             Mean over cells, or one value per cell. Higher is better; it is at least the ELBO
             in expectation.
         """
-        data, _, _ = self.cell_data(adata, indices)
-        values = marginal_log_likelihood(self.module, data, None, n_mc_samples, batch_size or 256)
-        return float(values.mean()) if return_mean else values
+        return outputs.marginal_ll(self, adata, indices, n_mc_samples, batch_size, return_mean)
 
-    # -- model card -----------------------------------------------------------------------
 
     def card(self, path=None, **kwargs) -> dict:
         """Write this model's card (Markdown and JSON) and return its content.
@@ -1038,7 +534,6 @@ class BaseModel(ABC):
         """
         return model_card(self, path, **kwargs)
 
-    # -- persistence ----------------------------------------------------------------------
 
     def save(
         self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False
@@ -1070,63 +565,7 @@ class BaseModel(ABC):
         FileExistsError
             ``dir_path`` exists and ``overwrite`` is false, or it is not a pyrovi folder.
         """
-        save_model_folder(dir_path, self._saved_state(self.history, self.is_trained),
-                          self.adata if save_anndata else None, overwrite=overwrite)
-
-    def _saved_state(self, history: pd.DataFrame | None, is_trained: bool,
-                     fingerprint: dict | None = None) -> dict:
-        """The model as :meth:`save` stores it (and training checkpoints embed it).
-
-        ``fingerprint`` is :func:`~pyrovi.infer.checkpoint.data_fingerprint` of the model's
-        data when already known (a checkpoint writer computes it once per run).
-        """
-        return {
-            "model_class": type(self).__name__,
-            "pyrovi_version": __version__,
-            "init_params": saved_init_params(self.init_params),
-            "registry": self.registry.to_dict(),
-            "var_names": list(map(str, self.var_names)),
-            "state_dict": {k: v.cpu() for k, v in self.module.state_dict().items()},
-            "history": None if history is None else history.to_dict("list"),
-            "history_index": None if history is None else list(history.index),
-            "train_indices": self.train_indices,
-            "validation_indices": self.validation_indices,
-            "is_trained": is_trained,
-            "train_params": self.train_params,
-            # Which cells the split refers to (tools such as the command line's card check it).
-            "data": fingerprint or checkpoints.data_fingerprint(self.adata),
-        }
-
-    def _set_saved_state(self, saved: dict) -> None:
-        """Weights, history, split and training record from :meth:`_saved_state` output."""
-        self.module.load_state_dict(saved["state_dict"])
-        self.history = None
-        if saved["history"] is not None:
-            self.history = pd.DataFrame(saved["history"],
-                                        index=pd.Index(saved["history_index"], name="epoch"))
-        self.train_indices = saved["train_indices"]
-        self.validation_indices = saved["validation_indices"]
-        self.is_trained = saved["is_trained"]
-        self.train_params = saved.get("train_params")
-
-    @classmethod
-    def _from_saved(cls, saved: dict, adata, device, custom_params: dict, where: str):
-        """A model of class ``cls`` on ``adata`` from :meth:`_saved_state` output."""
-        if saved["model_class"] != cls.__name__:
-            raise TypeError(
-                f"{where!r} holds a {saved['model_class']}; use pyrovi.{saved['model_class']} "
-                "to load it."
-            )
-        init_params = restored_init_params(saved["init_params"], custom_params, cls.__name__)
-        registry = AnnDataRegistry.from_dict(saved["registry"])
-        adata = cls.as_anndata(adata)
-        registry = register_new_data(registry, adata, saved["var_names"], store=False)
-        with _registry_in_uns(adata, registry):
-            model = cls(adata, **init_params)
-        model._set_saved_state(saved)
-        model.device = resolve_device(device)
-        model.module.to(model.device).eval()
-        return model
+        persistence.save(self, dir_path, overwrite, save_anndata)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata=None, device: str = "cpu",
@@ -1153,14 +592,4 @@ class BaseModel(ABC):
             If ``adata``'s genes do not match the model's (the message says how many differ),
             or a custom object the model was built with is not passed again.
         """
-        saved = SavedModel(dir_path)
-        if saved.model_class != cls.__name__:
-            raise TypeError(
-                f"{os.fspath(dir_path)!r} holds a {saved.model_class}; load it with "
-                f"pyrovi.{saved.model_class}.load."
-            )
-        # Checked before reading a saved AnnData, so that a missing object is reported first.
-        restored_init_params(saved.state["init_params"], custom_params, cls.__name__)
-        if adata is None:
-            adata = saved.read_adata()
-        return cls._from_saved(saved.state, adata, device, custom_params, os.fspath(dir_path))
+        return persistence.load(cls, dir_path, adata, device, custom_params)

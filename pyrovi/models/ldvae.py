@@ -9,14 +9,14 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry
 from pyrovi.io.model_classes import register_model_class
+from pyrovi.models import outputs, scvi_family
 from pyrovi.models.base import BaseModel
-from pyrovi.models.scvi import SCVI
 from pyrovi.nn import LinearExpressionDecoder
 from pyrovi.posterior.loadings import varimax
 
 
 @register_model_class
-class LDVAE(SCVI):
+class LDVAE(BaseModel):
     """Linearly decoded VAE: the scVI model/guide with ``rho = softmax(W z + ...)``.
 
     The encoder is scVI's (the same :class:`~pyrovi.nn.AmortizedEncoder`); only the decoder
@@ -59,8 +59,7 @@ class LDVAE(SCVI):
         prior: str | nn.Module = "normal",
         prior_kwargs: dict | None = None,
     ):
-        BaseModel.__init__(
-            self,
+        super().__init__(
             adata,
             n_hidden=n_hidden,
             n_latent=n_latent,
@@ -76,6 +75,15 @@ class LDVAE(SCVI):
             prior_kwargs=prior_kwargs,
         )
 
+    # scVI's setup, reference mapping and outputs, as functions shared with SCVI.
+    setup_anndata = classmethod(scvi_family.setup_anndata)
+    load_query_data = classmethod(scvi_family.load_query_data)
+    prepare_query_anndata = classmethod(scvi_family.prepare_query_anndata)
+    get_normalized_expression = scvi_family.get_normalized_expression
+    get_likelihood_parameters = scvi_family.get_likelihood_parameters
+    _generative_inputs = scvi_family.generative_inputs
+    _normalized_expression_sampler = scvi_family.rho_sampler
+
     def _build_module(self, adata, registry: AnnDataRegistry, use_batch_norm=True, bias=False,
                       **params):
         likelihood = params["gene_likelihood"]
@@ -89,7 +97,7 @@ class LDVAE(SCVI):
             predict_dispersion=params["dispersion"] == "gene-cell",
             zero_inflation=likelihood == "zinb" or callable(likelihood),
         )
-        return super()._build_module(
+        return scvi_family.build_scvi_module(
             adata, registry, decoder=decoder, use_batch_norm="encoder", **params
         )
 
@@ -119,7 +127,7 @@ class LDVAE(SCVI):
         """
         if rotation not in (None, "varimax"):
             raise ValueError(f"rotation must be None or 'varimax', got {rotation!r}.")
-        self._check_weights()
+        outputs.check_weights(self.module)
         weights = self.module.decoder.loadings().cpu().numpy()
         matrix = None
         if rotation == "varimax":

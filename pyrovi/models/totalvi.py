@@ -1,4 +1,4 @@
-"""TotalVI: user API around :class:`~pyrovi.models.totalvi_module.TOTALVIModule`."""
+"""TotalVI: user API around :class:`~pyrovi.modules.TOTALVIModule`."""
 
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from pyrovi.data.multimodal import (
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
 from pyrovi.io.model_classes import register_model_class
-from pyrovi.models import protein_background
+from pyrovi.models import outputs, scvi_family
 from pyrovi.models.base import BaseModel
-from pyrovi.models.scvi import SCVI, library_size_priors
-from pyrovi.models.totalvi_module import TOTALVIModule
+from pyrovi.modules import TOTALVIModule, protein_background
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def _obs_keys(batch_key=None, labels_key=None, size_factor_key=None,
 
 
 @register_model_class
-class TOTALVI(SCVI):
+class TOTALVI(BaseModel):
     """total Variational Inference (Gayoso et al. 2021): joint model of RNA and proteins.
 
     A shared latent space from the amortized encoder over log1p RNA ⊕ log1p protein; RNA as
@@ -96,6 +95,11 @@ class TOTALVI(SCVI):
 
     _early_stopping_default = True
 
+    # Reference mapping and the RNA likelihood parameters, as functions shared with SCVI.
+    load_query_data = classmethod(scvi_family.load_query_data)
+    prepare_query_anndata = classmethod(scvi_family.prepare_query_anndata)
+    get_likelihood_parameters = scvi_family.get_likelihood_parameters
+
     def __init__(
         self,
         adata,
@@ -119,8 +123,7 @@ class TOTALVI(SCVI):
     ):
         self.mdata = adata if is_mudata(adata) else None
         adata = self.as_anndata(adata)
-        BaseModel.__init__(
-            self,
+        super().__init__(
             adata,
             n_latent=n_latent,
             gene_dispersion=gene_dispersion,
@@ -283,7 +286,7 @@ class TOTALVI(SCVI):
         else:
             prior_mean, prior_scale = protein_background.default_protein_background_prior(
                 registry.n_proteins, registry.n_batch)
-        means, variances = library_size_priors(adata, registry)
+        means, variances = scvi_family.library_size_priors(adata, registry)
         return TOTALVIModule(
             n_input=registry.n_vars,
             n_proteins=registry.n_proteins,
@@ -360,7 +363,7 @@ class TOTALVI(SCVI):
     # -- decoding -------------------------------------------------------------------------
 
     def _generative_inputs(self, posterior, batch: dict, batch_index, code) -> dict:
-        inputs = super()._generative_inputs(posterior, batch, batch_index, code)
+        inputs = scvi_family.generative_inputs(self, posterior, batch, batch_index, code)
         if code is None:
             log_background = posterior.nodes["protein_background"]["value"]
         else:
@@ -446,20 +449,20 @@ class TOTALVI(SCVI):
         """
         data, indices, adata_used = self.cell_data(adata, indices)
         genes = (np.arange(self.registry.n_vars) if gene_list is None
-                 else self._gene_positions(gene_list))
+                 else outputs.gene_positions(self.var_names, gene_list))
         proteins = self.feature_positions("y", protein_list)
         key = "mu" if library_size == "latent" else "rho"
         scale = 1.0 if library_size == "latent" else float(library_size)
-        rna, protein = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch),
-            [self._column_extractor(key, genes),
+        rna, protein = scvi_family.decoded_draws(
+            self, data, None, outputs.batch_codes(self.registry, transform_batch),
+            [scvi_family.column_extractor(self, key, genes),
              self._protein_extractor(proteins, include_protein_background,
                                      sample_protein_mixing, scale_protein)],
             n_samples, batch_size or 1024,
         )
-        return self._as_frames([rna * scale, protein], adata_used, indices,
-                               [self.var_names[genes], self.protein_names[proteins]],
-                               n_samples, return_mean, return_numpy)
+        return scvi_family.as_frames([rna * scale, protein], adata_used, indices,
+                                     [self.var_names[genes], self.protein_names[proteins]],
+                                     n_samples, return_mean, return_numpy)
 
     def get_protein_foreground_probability(
         self,
@@ -489,13 +492,14 @@ class TOTALVI(SCVI):
         data, indices, adata_used = self.cell_data(adata, indices)
         proteins = self.feature_positions("y", protein_list)
         columns = torch.as_tensor(proteins, device=self.device)
-        [values] = self._decoded_draws(
-            data, None, self._batch_codes(transform_batch),
+        [values] = scvi_family.decoded_draws(
+            self, data, None, outputs.batch_codes(self.registry, transform_batch),
             [lambda p: torch.sigmoid(-p["mixing_logits"]).index_select(-1, columns)],
             n_samples, batch_size or 1024,
         )
-        return self._as_frames([values], adata_used, indices, [self.protein_names[proteins]],
-                               n_samples, return_mean, return_numpy)
+        return scvi_family.as_frames([values], adata_used, indices,
+                                     [self.protein_names[proteins]], n_samples, return_mean,
+                                     return_numpy)
 
     def get_protein_background_mean(
         self,
@@ -512,8 +516,8 @@ class TOTALVI(SCVI):
             Cells × proteins (averaged over ``n_samples`` posterior draws).
         """
         data, _, _ = self.cell_data(adata, indices)
-        [values] = self._decoded_draws(data, None, [None], [lambda p: p["background"]],
-                                       n_samples, batch_size or 1024)
+        [values] = scvi_family.decoded_draws(
+            self, data, None, [None], [lambda p: p["background"]], n_samples, batch_size or 1024)
         return values.mean(0).cpu().numpy()
 
     def get_latent_library_size(
@@ -532,8 +536,8 @@ class TOTALVI(SCVI):
         """
         data, _, _ = self.cell_data(adata, indices)
         n_samples = 30 if give_mean and not self.module.use_observed_lib_size else 1
-        [values] = self._decoded_draws(
-            data, None, [None], [lambda p: p["mu"].sum(-1, keepdim=True) / p["rho"].sum(
+        [values] = scvi_family.decoded_draws(
+            self, data, None, [None], [lambda p: p["mu"].sum(-1, keepdim=True) / p["rho"].sum(
                 -1, keepdim=True)], n_samples, batch_size or 1024)
         return values.mean(0).cpu().numpy()
 
@@ -557,10 +561,10 @@ class TOTALVI(SCVI):
             ``n_samples`` axis (genes first, then proteins, as scvi-tools).
         """
         genes = (np.arange(self.registry.n_vars) if gene_list is None
-                 else self._gene_positions(gene_list))
+                 else outputs.gene_positions(self.var_names, gene_list))
         columns = np.concatenate([genes, self.registry.n_vars
                                   + self.feature_positions("y", protein_list)])
-        return self._predictive_counts(adata, indices, n_samples, columns, batch_size)
+        return outputs.predictive_counts(self, adata, indices, n_samples, columns, batch_size)
 
     # -- differential expression over genes and proteins ---------------------------------
 
@@ -575,15 +579,15 @@ class TOTALVI(SCVI):
     ):
         """Draws of ``rho`` ⊕ (denoised protein + ``protein_prior_count``), as scvi-tools."""
         extractors = [
-            self._column_extractor("rho", np.arange(self.registry.n_vars)),
+            scvi_family.column_extractor(self, "rho", np.arange(self.registry.n_vars)),
             self._protein_extractor(np.arange(self.registry.n_proteins),
                                     include_protein_background, sample_protein_mixing,
                                     scale_protein),
         ]
 
         def sample(positions: np.ndarray, code: int | None) -> np.ndarray:
-            rna, protein = self._decoded_draws(data, positions, [code], extractors, 1,
-                                               batch_size)
+            rna, protein = scvi_family.decoded_draws(self, data, positions, [code], extractors,
+                                                     1, batch_size)
             return torch.cat([rna[0], protein[0] + protein_prior_count], -1).cpu().numpy()
 
         return sample

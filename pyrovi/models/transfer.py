@@ -12,7 +12,7 @@ Freezing rule
 -------------
 Only the *entries that belong to the new categories* are added to what trains by default:
 the rows of new batches (and new covariate categories) in every covariate embedding, their
-gene-batch (gene-label) dispersion rows and, for TotalVI, their protein background prior.
+gene-batch (gene-label) dispersion rows and, for TotalVI, their background prior.
 Rows of categories the reference already had stay fixed, also when query cells use them.
 scArches trains the covariate weights of every category instead; we do not, because then
 the reference's own batch rows move (through the query cells of a shared batch, or through
@@ -23,9 +23,11 @@ no query cell uses get no gradient anyway, so for them the two rules differ only
 decay drift.
 
 New rows start at the mean of the reference's rows (the average reference batch; zero when
-the reference had a single batch and so no table). Data-driven quantities (library-size
-prior, protein background prior, which proteins a batch measured) are computed from the
-query's counts, as ``setup_anndata`` would.
+the reference had a single batch and so no table). Data-driven quantities (those a module
+declares in ``data_driven_tensors``: the library-size prior; for TotalVI the background
+prior and which features each batch measured) are computed from the query's counts, as
+``setup_anndata`` would. The module also declares its ``encoders`` (the networks reading
+the data), which the freezing options below treat apart from the decoders.
 
 Frozen entries are held by ``requires_grad=False`` (whole tensors) or by a gradient hook
 that zeroes them (partly trainable tensors, which are also exempt from weight decay: Adam's
@@ -39,7 +41,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,31 +52,17 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from pyrovi.data import AnnDataRegistry, SetupError, check_protein_names, protein_matrix
-from pyrovi.data.multimodal import flatten_mudata, is_mudata
-from pyrovi.data.registry import (
-    REGISTRY_UNS_KEY,
-    categories_of,
-    category_codes,
-    register_new_data,
-)
+from pyrovi.data import AnnDataRegistry, SetupError
+from pyrovi.data.multimodal import flatten_query, is_mudata
+from pyrovi.data.registry import REGISTRY_UNS_KEY, categories_of, register_new_data
 from pyrovi.infer import resolve_device
 from pyrovi.infer.training import NO_WEIGHT_DECAY
 from pyrovi.io.model_files import SavedModel
-from pyrovi.models.base import restored_init_params
-from pyrovi.models.protein_background import missing_protein_mask
-from pyrovi.nn.fc import FCLayers
+from pyrovi.models.persistence import restored_init_params
+from pyrovi.nn.fc import CovariateLinear, FCLayers
 
 logger = logging.getLogger(__name__)
 
-#: Category tables of CovariateLinear: ``...cat_weights.<k>.weight``, k = 0 the batch.
-_COVARIATE_TABLE = re.compile(r"(?:^|\.)cat_weights\.(\d+)\.weight$")
-#: Tensors indexed by category whose new entries are estimated from the query's counts
-#: when the query model is built (kept as built), not learned weights (mean-initialised).
-_DATA_DRIVEN = frozenset({
-    "library_log_means", "library_log_vars", "background_prior_mean",
-    "background_prior_log_scale", "protein_batch_mask",
-})
 _MISSING = object()
 
 
@@ -296,24 +283,6 @@ def _obs_roles(registry: AnnDataRegistry) -> dict[str, list[str]]:
     return {role: [k for k in keys if k] for role, keys in roles.items()}
 
 
-def _flat_query(query, registry: AnnDataRegistry):
-    """The AnnData view pyrovi reads of the query (MuData flattened like the reference)."""
-    if not is_mudata(query):
-        return query
-    fields = registry.mudata_modalities
-    if not fields:
-        raise SetupError("The reference was set up from an AnnData; pass the query as an "
-                         "AnnData with the same layout.")
-    obs_keys = _obs_roles(registry)
-    if registry.labels_key is not None:
-        labels_modality = query.mod.get(fields["labels_key"])
-        if labels_modality is not None and registry.labels_key in labels_modality.obs:
-            obs_keys["labels_key"] = [registry.labels_key]
-    return flatten_mudata(query, fields, fields["rna_layer_name"] or None,
-                          fields["protein_layer_name"] or None,
-                          {role: keys for role, keys in obs_keys.items() if keys})
-
-
 def _check_query_obs(registry: AnnDataRegistry, query) -> None:
     for role, keys in _obs_roles(registry).items():
         for key in keys:
@@ -342,7 +311,9 @@ def extend_registry(reference: AnnDataRegistry, query) -> AnnDataRegistry:
     """The reference's registry with the query's new batch, covariate and label categories.
 
     Reference categories keep their codes; new ones are appended in the query's order.
-    For multi-modal models, the new batches' measured-protein mask comes from the query.
+    Each field then records its own entries for the new categories
+    (:meth:`~pyrovi.data.DataField.extend_for_query`, e.g. which features of another
+    modality the new batches measured).
     """
     registry = AnnDataRegistry.from_dict(reference.to_dict())
     registry.batch_categories = _extended(reference.batch_categories, query, reference.batch_key)
@@ -352,20 +323,8 @@ def extend_registry(reference: AnnDataRegistry, query) -> AnnDataRegistry:
         for key in reference.categorical_covariate_keys
     }
     registry.n_cells = query.n_obs
-    if reference.has_proteins and registry.n_batch > reference.n_batch:
-        batch = category_codes(query, registry.batch_key, registry.batch_categories, "batch_key")
-        proteins = protein_matrix(query, registry.protein_expression_obsm_key)
-        mask = missing_protein_mask(proteins, batch, registry.n_batch)
-        registry.protein_batch_mask = (
-            [list(row) for row in reference.protein_batch_mask]
-            + mask[reference.n_batch:].tolist()
-        )
-        for b in range(reference.n_batch, registry.n_batch):
-            if not mask[b].all():
-                absent = [n for n, m in zip(registry.protein_names, mask[b], strict=True) if not m]
-                logger.warning(
-                    "%d protein(s) are all zero in query batch %r and will be treated as "
-                    "missing there: %s", len(absent), registry.batch_categories[b], absent[:10])
+    for data_field in reference.fields:
+        data_field.extend_for_query(query, reference, registry)
     return registry
 
 
@@ -389,8 +348,8 @@ def transfer_weights(
 
     Tensors of the same shape are copied. Tensors that grew along a category axis get the
     reference's block; their new entries start at the mean of the reference's entries along
-    that axis, or (data-driven tensors, see ``_DATA_DRIVEN``) keep the values the query model
-    was built with. Covariate tables missing from the reference (a covariate with a single
+    that axis, or (the module's declared ``data_driven_tensors``) keep the values the query
+    model was built with. Covariate tables missing from the reference (a covariate with a single
     category has none: its effect is 0) start at 0.
 
     Returns
@@ -405,14 +364,15 @@ def transfer_weights(
     extra = set(state) - set(target)
     if extra:
         raise RuntimeError(f"Reference weights the query model does not have: {sorted(extra)}.")
+    data_driven = set(module.data_driven_tensors)
     merged, new_entries = {}, {}
     for name, built in target.items():
         new = torch.zeros(built.shape, dtype=torch.bool)
         if name not in state:
-            match = _COVARIATE_TABLE.search(name)
-            if match is None:
+            covariate = CovariateLinear.covariate_table(name)
+            if covariate is None:
                 raise RuntimeError(f"The query model has a tensor {name!r} the reference lacks.")
-            n_old = growth[int(match.group(1))][0]
+            n_old = growth[covariate][0]
             value = torch.zeros_like(built)  # the reference's single category adds nothing
             new[n_old:] = True
         else:
@@ -420,15 +380,17 @@ def transfer_weights(
             if old.shape == built.shape:
                 value = old.clone()
             else:
-                value, new = _grown(name, old, built, valid_sizes)
+                value, new = _grown(name, old, built, valid_sizes, name in data_driven)
         merged[name] = value
         new_entries[name] = new
     module.load_state_dict(merged)
     return new_entries
 
 
-def _grown(name: str, old: torch.Tensor, built: torch.Tensor, valid_sizes: set):
-    """``built`` with ``old`` in its leading block and the new entries initialised."""
+def _grown(name: str, old: torch.Tensor, built: torch.Tensor, valid_sizes: set,
+           data_driven: bool):
+    """``built`` with ``old`` in its leading block and the new entries initialised (left as
+    built for a ``data_driven`` tensor)."""
     grown = [d for d in range(built.dim()) if old.shape[d] != built.shape[d]]
     if (old.dim() != built.dim() or len(grown) != 1
             or (old.shape[grown[0]], built.shape[grown[0]]) not in valid_sizes):
@@ -440,7 +402,7 @@ def _grown(name: str, old: torch.Tensor, built: torch.Tensor, valid_sizes: set):
     n_old = old.shape[axis]
     value = built.clone()
     value.narrow(axis, 0, n_old).copy_(old)
-    if name.rsplit(".", 1)[-1] not in _DATA_DRIVEN and value.is_floating_point():
+    if not data_driven and value.is_floating_point():
         fill = old.mean(axis, keepdim=True)
         value.narrow(axis, n_old, built.shape[axis] - n_old).copy_(
             fill.expand_as(value.narrow(axis, n_old, built.shape[axis] - n_old)))
@@ -450,14 +412,6 @@ def _grown(name: str, old: torch.Tensor, built: torch.Tensor, valid_sizes: set):
 
 
 # -- freezing ----------------------------------------------------------------------------
-
-
-def _is_encoder(name: str) -> bool:
-    """Whether a parameter belongs to the encoder of the data (the networks reading counts).
-
-    Everything else (decoders, TotalVI's q(background | z), which reads z) is the decoder.
-    """
-    return name == "encoder" or name.startswith("encoder.")
 
 
 def _mask_gradient(parameter: nn.Parameter, trainable: torch.Tensor) -> None:
@@ -508,13 +462,20 @@ def freeze_for_query(
             if name.startswith(prefix):
                 trainable[name].fill_(True)
 
+    # The module declares its encoders (the networks reading the data); the rest decodes.
+    encoders = tuple(module.encoders)
+
+    def is_encoder(name: str) -> bool:
+        return any(name == e or name.startswith(f"{e}.") for e in encoders)
+
     if not freeze_expression:
-        train_whole("encoder.")
+        for encoder in encoders:
+            train_whole(f"{encoder}.")
     for name, block in module.named_modules():
-        if isinstance(block, FCLayers) and not _is_encoder(name) and not freeze_decoder_first_layer:
+        if isinstance(block, FCLayers) and not is_encoder(name) and not freeze_decoder_first_layer:
             train_whole(f"{name}.layers.0.linear.")
         if isinstance(block, nn.modules.batchnorm._BatchNorm):
-            frozen = freeze_batchnorm_encoder if _is_encoder(name) else freeze_batchnorm_decoder
+            frozen = freeze_batchnorm_encoder if is_encoder(name) else freeze_batchnorm_decoder
             if frozen:
                 block.momentum = 0.0  # running statistics stay the reference's
             else:
@@ -565,11 +526,11 @@ def load_query_data(
     if not reference.is_trained:
         logger.warning("The reference model is not trained; the query model starts from "
                        "untrained weights.")
-    flat = _flat_query(query_adata, reference.registry)
+    flat = flatten_query(query_adata, reference.registry, _obs_roles(reference.registry))
     check_query_genes(cls, reference.var_names, flat)
     _check_query_obs(reference.registry, flat)
-    if reference.registry.has_proteins:
-        check_protein_names(reference.registry, flat)
+    for data_field in reference.registry.fields:
+        data_field.check_query(flat, reference.registry)
     registry = extend_registry(reference.registry, flat)
     resolved = resolve_device(device)
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+#: State-dict key of a covariate's category table: ``...cat_weights.<k>.weight``.
+_COVARIATE_TABLE = re.compile(r"(?:^|\.)cat_weights\.(\d+)\.weight$")
 
 
 def check_layer_size(name: str, value) -> None:
@@ -35,6 +39,13 @@ class CovariateLinear(nn.Module):
     bias
         Whether to add a bias.
     """
+
+    @staticmethod
+    def covariate_table(name: str) -> int | None:
+        """The covariate (0: the batch) whose category table is the state-dict entry
+        ``name`` of a module holding covariate layers, or ``None`` for any other entry."""
+        match = _COVARIATE_TABLE.search(name)
+        return None if match is None else int(match.group(1))
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from pyrovi.distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
 )
-from pyrovi.infer.scaling import cell_plate
+from pyrovi.modules.plates import cell_plate
 from pyrovi.nn import (
     AmortizedEncoder,
     AmortizedPosterior,
@@ -166,6 +166,13 @@ class SCVIModule(nn.Module):
     cell_plate = "cells"
     #: Named dimensions of each site's value after the cell axis (for ArviZ export).
     site_dims = {"z": ("latent",), "library": (), "x": ("gene",)}
+    #: Submodules that read the observed data; every other network decodes (reference
+    #: mapping freezes and releases the two sides separately).
+    encoders = ("encoder",)
+    #: Tensors indexed by batch that are estimated from the counts when the module is built
+    #: (the library-size prior), not learned: a query model keeps its own values for the
+    #: query's new batches instead of starting them at the reference's mean.
+    data_driven_tensors = ("library_log_means", "library_log_vars")
 
     def __init__(
         self,

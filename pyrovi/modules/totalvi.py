@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from pyrovi.distributions import NegativeBinomialMixture
-from pyrovi.infer.scaling import cell_plate
-from pyrovi.models.scvi_module import SCVIModule
+from pyrovi.modules.plates import cell_plate
+from pyrovi.modules.scvi import SCVIModule
 from pyrovi.nn import Dispersion, GaussianEncoder, ProteinDecoder
 
 PROTEIN_DISPERSIONS = ("protein", "protein-batch", "protein-label")
@@ -65,7 +65,7 @@ class TOTALVIModule(SCVIModule):
         ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
     gene_likelihood
         ``"nb"``, ``"zinb"`` or a callable ``(mu, theta, zi_logits) -> Distribution`` for
-        the RNA (see :func:`~pyrovi.models.scvi_module.count_likelihood`).
+        the RNA (see :func:`~pyrovi.modules.scvi.count_likelihood`).
     n_hidden, n_latent, n_layers_encoder, n_layers_decoder, dropout_rate_encoder
         Network sizes (scvi-tools' TotalVI defaults 256, 20, 2, 1, 0.2).
     **kwargs
@@ -75,6 +75,10 @@ class TOTALVIModule(SCVIModule):
 
     observed_sites = ("x", "y")
     site_dims = {**SCVIModule.site_dims, "protein_background": ("protein",), "y": ("protein",)}
+    #: Also the background prior's initial values and which proteins each batch measured.
+    #: (The background posterior network reads z, not the data: it counts as a decoder.)
+    data_driven_tensors = (*SCVIModule.data_driven_tensors, "background_prior_mean",
+                           "background_prior_log_scale", "protein_batch_mask")
 
     def __init__(
         self,
