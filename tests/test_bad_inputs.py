@@ -24,8 +24,7 @@ import pyrovi
 from pyrovi.data import REGISTRY_UNS_KEY
 from pyrovi.data.validation import DataChangedError, fingerprint_rows
 from pyrovi.datasets import simulate_cite_seq, simulate_counts
-
-from .conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 
 @pytest.fixture

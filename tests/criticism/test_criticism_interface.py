@@ -13,10 +13,9 @@ import pytest
 import pyrovi
 from pyrovi.criticism import PosteriorPredictiveCheck, TrainedModel, to_arviz
 from pyrovi.criticism.interface import feature_columns
+from tests.conftest import small_totalvi
 
-from .conftest import small_totalvi
-
-PACKAGE = Path(__file__).resolve().parents[1] / "pyrovi"
+PACKAGE = Path(__file__).resolve().parents[2] / "pyrovi"
 
 
 def _imported_modules(folder: Path) -> dict[str, set[str]]:

@@ -15,10 +15,9 @@ import pyrovi
 from pyrovi.criticism import PosteriorPredictiveCheck
 from pyrovi.datasets import simulate_counts
 from pyrovi.zoo import load_pretrained, model_path, top_variable_genes, train_reference
+from tests.conftest import shared_dataset, small_totalvi
 
-from .conftest import shared_dataset, small_totalvi
-
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @pytest.fixture(scope="module")

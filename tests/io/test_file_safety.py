@@ -26,7 +26,7 @@ from pyrovi.io import ModelFileError
 from pyrovi.io.checkpoint_files import read_checkpoint
 from pyrovi.io.model_files import SAVED_ADATA
 
-LEGACY = Path(__file__).resolve().parent / "data" / "legacy_0_1_0"
+LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy_0_1_0"
 
 
 class Payload:

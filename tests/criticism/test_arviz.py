@@ -18,8 +18,7 @@ from scipy.special import logsumexp
 import pyrovi
 from pyrovi.criticism import to_arviz
 from pyrovi.datasets import simulate_counts
-
-from .conftest import small_totalvi
+from tests.conftest import small_totalvi
 
 matplotlib.use("Agg")
 
