@@ -284,8 +284,9 @@ def _module_to_arviz(module, data, n_samples, var_names, indices, batch_size, co
                 groups["observed_data"][site] = whole[site].cpu().numpy()
         else:
             groups["posterior"][site] = values[None]
+    # Per-cell scalars only (not the likelihood's optional non-zero positions, say).
     constant = {name: value.cpu().numpy() for name, value in whole.items()
-                if value is not None and value.dim() == 1 and name not in draws}
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and name not in draws}
     dims.update({name: ["cell"] for name in constant})
     used = {d for ds in dims.values() for d in ds}
     groups["constant_data"] = constant

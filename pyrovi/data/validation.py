@@ -95,6 +95,27 @@ def _scan_on_disk(matrix: OnDiskMatrix, predicates) -> tuple[list, np.ndarray]:
     return first, totals
 
 
+def _sparse_row_sums(matrix, block_values: int = 2**21) -> np.ndarray:
+    """Row sums in float64, a block of rows (``block_values`` stored values) at a time for CSR.
+
+    scipy sums a sparse matrix's rows as a product with a vector of ones in the result's
+    dtype, which first copies every stored value to float64: twice the values of a float32
+    matrix at once. Blocks of rows keep that copy small; each row is summed as before.
+    """
+    if matrix.format != "csr":
+        return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+    n_rows, indptr = matrix.shape[0], matrix.indptr
+    totals = np.empty(n_rows, dtype=np.float64)
+    start = 0
+    while start < n_rows:
+        stop = int(np.searchsorted(indptr, indptr[start] + block_values, side="right"))
+        stop = min(max(stop - 1, start + 1), n_rows)
+        totals[start:stop] = np.asarray(
+            matrix[start:stop].sum(axis=1, dtype=np.float64)).ravel()
+        start = stop
+    return totals
+
+
 def cell_totals(matrix) -> np.ndarray:
     """Total counts per cell (row sums) as a float64 vector, without densifying.
 
@@ -112,7 +133,7 @@ def cell_totals(matrix) -> np.ndarray:
     if is_on_disk(matrix):
         return _scan_on_disk(OnDiskMatrix.of(matrix), [])[1]
     if sp.issparse(matrix):
-        return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+        return _sparse_row_sums(matrix)
     totals = np.empty(matrix.shape[0], dtype=np.float64)
     for start in range(0, matrix.shape[0], _DENSE_CHUNK_ROWS):
         block = np.asarray(matrix[start : start + _DENSE_CHUNK_ROWS], dtype=np.float64)

@@ -308,3 +308,19 @@ def test_nonzero_positions_reach_only_models_that_take_them():
     assert call_arguments(batch, with_it, anything) is batch
     dense = ArrayTensors({"x": np.ones((6, 4)), "g": np.arange(6)})
     assert set(dense.minibatch(torch.tensor([0]))) == {"x", "g"}
+
+
+def test_cell_totals_of_csr_blocks_equal_scipys_row_sums():
+    # Summed a block of rows at a time (no float64 copy of every stored value at once),
+    # each row as scipy sums it: the same float64 totals, empty rows and all.
+    from pyrovi.data import validation
+
+    rng = np.random.default_rng(0)
+    matrix = sp.random(500, 300, density=0.05, format="csr", random_state=rng,
+                       dtype=np.float32, data_rvs=lambda n: rng.integers(1, 50, n))
+    matrix[::7] = 0
+    matrix.eliminate_zeros()
+    expected = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+    np.testing.assert_array_equal(validation._sparse_row_sums(matrix, block_values=97), expected)
+    np.testing.assert_array_equal(validation.cell_totals(matrix), expected)
+    np.testing.assert_array_equal(validation.cell_totals(matrix.tocsc()), expected)

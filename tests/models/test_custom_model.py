@@ -13,6 +13,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy.linalg import subspace_angles
 from torch import nn
@@ -132,6 +133,16 @@ def test_arviz_export_of_a_bare_module(fitted):
     predicted = idata.posterior_predictive["x"].values.mean((0, 1, 2))
     observed = data["x"][:100].mean(0)
     assert np.corrcoef(predicted, observed)[0, 1] > 0.98
+
+
+def test_arviz_export_of_a_bare_module_on_sparse_counts(fitted):
+    # Sparse counts bring the likelihood's optional non-zero positions into the minibatch:
+    # they are not data to export.
+    module, data, _, _, _ = fitted
+    sparse = {**data, "x": sp.csr_matrix(data["x"])}
+    idata = to_arviz(module, data=sparse, n_samples=2, indices=np.arange(30), seed=0)
+    assert set(idata.constant_data.data_vars) == {"log_library"}
+    np.testing.assert_array_equal(idata.observed_data["x"].values, data["x"][:30])
 
 
 def test_fit_rejects_ragged_data():
