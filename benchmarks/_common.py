@@ -4,6 +4,8 @@ writing a result section into ``benchmarks/RESULTS.md``."""
 from __future__ import annotations
 
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +128,11 @@ def cli(description: str, datasets: dict, run, markdown, section: str, json_suff
     configure(args.threads)
     rows = run(args.datasets, args.runs, args.epochs)
     text = markdown(rows, args.threads)
+    # The command as run (minus --out), so that an --epochs or --datasets override shows.
+    shown = [a for i, a in enumerate(sys.argv[1:], 1)
+             if a != "--out" and sys.argv[i - 1] != "--out" and not a.startswith("--out=")]
+    command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *shown])
+    text = re.sub(r"^Command: `[^`]*`", f"Command: `{command}`", text, flags=re.MULTILINE)
     write_section(args.out, text, section)
     args.out.with_suffix(json_suffix).write_text(json.dumps(rows, indent=1))
     print(text)

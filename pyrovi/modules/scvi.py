@@ -113,6 +113,38 @@ def _checked_custom_likelihood(fn, distribution, mu) -> dist.Distribution:
 MEAN_RANGE = (1e-20, 1e15)
 
 
+class _KeepInRange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low, high):
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def keep_in_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x`` clamped to ``[low, high]``, with the gradient passed through unchanged.
+
+    Inside the range this is the identity, value and gradient. Outside it the value is the
+    bound and the gradient is the bound's, not zero: a mean pushed out of range by the
+    networks is pulled back by the data instead of being stuck, and the backward pass needs
+    no mask over the (cells, genes) matrix (a plain clamp's backward costs another pass).
+
+    Parameters
+    ----------
+    x
+        Tensor to keep in range.
+    low, high
+        The bounds.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    return _KeepInRange.apply(x, low, high)
+
+
 class SCVIModule(nn.Module):
     """The scVI generative model and its amortized guide.
 
@@ -335,7 +367,7 @@ class SCVIModule(nn.Module):
             # Kept inside a range where every log-density term and its gradient stay finite: a
             # mean that underflows to 0 at a cell's counts gives log p = -inf (a latent
             # library drawn far below the data, a softmax entry that underflows).
-            "mu": (torch.exp(log_library) * out.rho).clamp(*MEAN_RANGE),
+            "mu": keep_in_range(torch.exp(log_library) * out.rho, *MEAN_RANGE),
             "theta": theta,
             "zi_logits": out.zi_logits,
         }
