@@ -9,6 +9,9 @@ import pytest
 
 from tests.conftest import SHARED_DATA
 
+# Real data or whole runs: the slowest of the suite (kept in it; `-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.ipynb"))
 
 

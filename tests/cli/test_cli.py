@@ -123,6 +123,7 @@ def test_train_writes_the_latent_space_its_umap_pictures_and_card(trained, h5ad)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+@pytest.mark.slow
 def test_train_killed_midway_resumes_to_the_same_run(tmp_path):
     """SIGKILL a real run after its first checkpoint; --resume finishes it."""
     data = tmp_path / "slow.h5ad"

@@ -15,6 +15,9 @@ import torch
 import pyrovi
 from pyrovi.infer.distributed import DataParallel, setup_data_parallel
 
+# Real data or whole runs: the slowest of the suite (kept in it; `-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent("""
     import sys
 

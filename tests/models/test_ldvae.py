@@ -60,6 +60,7 @@ def matched_abs_correlation(true_loadings, learned_loadings):
     return correlation[rows, cols]
 
 
+@pytest.mark.slow
 def test_loadings_recover_the_simulated_gene_programs():
     adata = simulate_gene_programs(seed=0)
     truth = adata.varm["W_true"]

@@ -10,6 +10,9 @@ from sklearn.neighbors import KNeighborsClassifier
 import pyrovi
 from tests.conftest import shared_dataset
 
+# Real data or whole runs: the slowest of the suite (kept in it; `-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 
 def test_pbmc68k_reduced_counts_are_restored_exactly():
     pytest.importorskip("scanpy")

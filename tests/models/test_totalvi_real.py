@@ -27,6 +27,9 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 import pyrovi
 from tests.conftest import shared_dataset
 
+# Real data or whole runs: the slowest of the suite (kept in it; `-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 PROTEIN_KEY = "protein_expression"
 SEED = 0
 

@@ -436,6 +436,7 @@ def test_readme_reference_mapping_example_runs(tmp_path, monkeypatch):
 CELLBENCH_REFERENCE = ["sc_celseq2_5cl_p1", "sc_celseq2_5cl_p2", "sc_celseq2_5cl_p3"]
 
 
+@pytest.mark.slow
 def test_cellbench_query_batches_map_onto_their_cell_lines():
     """Reference: the three CEL-seq2 plates with all five cell lines; query: the 3-line
     CEL-seq2 plate and the Drop-seq run (another technology), both unseen batches.
