@@ -14,6 +14,7 @@ live here too, below the registry, so that fields and registry import in one dir
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,7 +202,7 @@ def size_factors(adata, key: str) -> np.ndarray:
     return values
 
 
-class DataField:
+class DataField(ABC):
     """One part of an AnnData that a model reads, and how it is read.
 
     Subclasses set :attr:`key` and override what they need: :meth:`register` at set-up,
@@ -242,13 +243,15 @@ class DataField:
 
     def register(self, adata, registry) -> None:
         """Validate the field in ``adata`` and record it in ``registry`` (set-up)."""
+        return None  # an optional step: fields with nothing to do keep this
 
     def check(self, adata, registry) -> None:
         """Check that new data carry the field as ``registry`` recorded it."""
+        return None  # an optional step: fields with nothing to do keep this
 
+    @abstractmethod
     def cell_array(self, adata):
         """Per-cell array (cells on axis 0; numpy or scipy sparse), or ``None``."""
-        raise NotImplementedError
 
     @property
     def source(self) -> str | None:
@@ -284,10 +287,12 @@ class DataField:
 
     def check_query(self, query, registry) -> None:
         """Check a reference-mapping query (which may add categories) against ``registry``."""
+        return None  # an optional step: fields with nothing to do keep this
 
     def extend_for_query(self, query, reference, extended) -> None:
         """Record in ``extended`` (``reference``'s registry with the query's new categories)
         this field's entries for the new categories, read from the query."""
+        return None  # an optional step: fields with nothing to do keep this
 
     @classmethod
     def from_registry(cls, registry) -> DataField | None:
