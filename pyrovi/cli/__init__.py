@@ -114,7 +114,6 @@ def _read_data(source: Path | str):
 
 def _model_class(name: str) -> type:
     """The pyrovi model class called ``name`` (read from a file: only known names pass)."""
-    import pyrovi.models  # noqa: F401  (the model classes register themselves)
     from pyrovi.io.model_classes import model_class
 
     try:

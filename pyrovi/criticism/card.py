@@ -90,8 +90,8 @@ def _registry_sections(model: TrainedModel) -> tuple[dict, list[dict], dict]:
     plugins = [f for f in registry.fields if type(f) in DataField.plugins]
     for field in plugins:
         setup.update(field.setup_arguments())
-    fields = [{"field": "counts", "location": f"adata.layers[{registry.layer!r}]"
-               if registry.layer else "adata.X", "size": registry.n_vars}]
+    fields = [{"field": "counts", "location": registry.field("x").location(),
+               "size": registry.n_vars}]
     for name, key, categories in (("batch", registry.batch_key, registry.batch_categories),
                                   ("labels", registry.labels_key, registry.label_categories)):
         if key is not None:

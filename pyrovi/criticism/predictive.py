@@ -87,10 +87,9 @@ def observed_counts(adata, models: Mapping[str, TrainedModel], modality: str,
     fields = {name: modality_field(model, modality) for name, model in models.items()}
     site = next(iter(fields.values())).key
     first_name, first = next(iter(models.items()))
-    names = pd.Index(pd.Index(first.observed_features()[site]).astype(str))
-    if site == "x":
-        # The genes are adata's own variables.
-        names = pd.Index(adata.var_names.astype(str))
+    # The genes are adata's own variables; another modality's features, the first model's.
+    names = pd.Index((adata.var_names if site == "x" else
+                      pd.Index(first.observed_features()[site])).astype(str))
     for name, model in models.items():
         model_names = pd.Index(pd.Index(model.observed_features()[site]).astype(str))
         if not model_names.equals(names):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -164,8 +165,16 @@ class AnnDataRegistry:
     # -- per-cell totals (in memory only) -------------------------------------------------
 
     def remember_totals(self, matrix, totals: np.ndarray) -> None:
-        """Keep the per-cell totals of ``matrix`` that registration computed."""
-        self.__dict__["_totals"] = (matrix, totals)
+        """Keep the per-cell totals of ``matrix`` that registration computed.
+
+        The matrix is held by a weak reference: the registry must not keep a count matrix
+        alive (nor copy it with the registry) after the AnnData let it go.
+        """
+        try:
+            reference = weakref.ref(matrix)
+        except TypeError:  # not weakly referable: recompute when asked
+            return
+        self.__dict__["_totals"] = (reference, totals)
 
     def cell_totals(self, adata) -> np.ndarray:
         """Per-cell totals of the registered counts of ``adata`` (float64).
@@ -175,9 +184,11 @@ class AnnDataRegistry:
         """
         matrix = counts_matrix(adata, self.layer)
         remembered = self.__dict__.get("_totals")
-        if remembered is None or remembered[0] is not matrix:
-            self.remember_totals(matrix, cell_totals(matrix))
-        return self.__dict__["_totals"][1]
+        if remembered is not None and remembered[0]() is matrix:
+            return remembered[1]
+        totals = cell_totals(matrix)
+        self.remember_totals(matrix, totals)
+        return totals
 
     def library_size_priors(self, adata) -> tuple[np.ndarray, np.ndarray]:
         """Per-batch mean and variance of log library size (cells with counts only).

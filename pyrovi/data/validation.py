@@ -95,7 +95,7 @@ def _scan_on_disk(matrix: OnDiskMatrix, predicates) -> tuple[list, np.ndarray]:
     return first, totals
 
 
-def _sparse_row_sums(matrix, block_values: int = 2**21) -> np.ndarray:
+def _sparse_row_sums(matrix, block_values: int = _SPARSE_CHUNK_VALUES) -> np.ndarray:
     """Row sums in float64, a block of rows (``block_values`` stored values) at a time for CSR.
 
     scipy sums a sparse matrix's rows as a product with a vector of ones in the result's
