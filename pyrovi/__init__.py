@@ -27,6 +27,7 @@ from pyrovi._settings import settings
 from pyrovi._version import __version__
 from pyrovi.io.zoo import load_pretrained
 from pyrovi.models import LDVAE, SCVI, TOTALVI
+from pyrovi.models.interop import from_scvi_tools
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -41,6 +42,7 @@ __all__ = [
     "SCVI",
     "TOTALVI",
     "__version__",
+    "from_scvi_tools",
     "load_pretrained",
     "criticism",
     "data",
