@@ -179,13 +179,16 @@ def read_model_pt(path: str | os.PathLike, extra_allowed: Iterable = ()) -> dict
     return content
 
 
+#: Lines of PyTorch's message around the unpickler's own reason (advice, links).
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                "WeightsUnpickler error")
+
+
 def _unpickler_reason(error: BaseException) -> str:
     """The restricted unpickler's own reason, without PyTorch's advice to disable it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error" in line:
-            return " ".join(lines[i + 1:i + 2]) or line
-    return lines[0] if lines else type(error).__name__
+    reasons = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    return reasons[0] if reasons else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

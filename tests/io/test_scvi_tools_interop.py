@@ -1,0 +1,265 @@
+"""scvi-tools model folders: read without running code, imported and exported exactly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pyrovi
+from pyrovi.datasets import simulate_counts
+from pyrovi.io import ModelFileError
+from pyrovi.io.scvi_tools import NotRead, ScviToolsFolder, read_model_pt
+
+
+def _close(actual, expected, rtol: float = 1e-5) -> None:
+    """Equal to ``rtol`` relative to each value, with values near 0 judged at the array's
+    scale (float32 sums in another order differ by ~1e-7 of the largest term)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def covariate_data():
+    adata = simulate_counts(n_cells=120, n_genes=30, n_clusters=3, n_batches=2, seed=3)
+    adata.obs["site"] = np.array(["p", "q", "r"])[np.arange(adata.n_obs) % 3]
+    adata.obs["dose"] = np.linspace(-1.0, 1.0, adata.n_obs)
+    return adata
+
+
+def _trained(cls, adata, setup: dict, **params):
+    adata = adata.copy()
+    cls.setup_anndata(adata, **setup)
+    model = cls(adata, n_latent=3, n_hidden=16, **params)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False, seed=0)
+    return model
+
+
+EXPORTED = [
+    (pyrovi.SCVI, dict(batch_key="batch", labels_key="cluster",
+                       categorical_covariate_keys=["site"], continuous_covariate_keys=["dose"]),
+     dict(use_observed_lib_size=False)),
+    (pyrovi.SCVI, dict(batch_key="batch"),
+     dict(gene_likelihood="nb", dispersion="gene-batch", encode_covariates=True, n_layers=2,
+          use_layer_norm="both", use_batch_norm="none")),
+    (pyrovi.SCVI, dict(batch_key="batch", labels_key="cluster"),
+     dict(gene_likelihood="poisson", dispersion="gene-label")),
+    (pyrovi.LDVAE, dict(batch_key="batch"), dict(gene_likelihood="zinb", bias=True)),
+]
+
+
+@pytest.mark.parametrize(("cls", "setup", "params"), EXPORTED,
+                         ids=["scvi-covariates", "scvi-nb-encoded", "scvi-poisson", "ldvae"])
+def test_export_then_import_gives_the_same_model(tmp_path, covariate_data, cls, setup, params):
+    model = _trained(cls, covariate_data, setup, **params)
+    model.to_scvi_tools(tmp_path / "out", save_anndata=True)
+    imported = pyrovi.from_scvi_tools(tmp_path / "out")
+    assert type(imported) is cls
+    assert imported.init_params == {**model.init_params, "prior": "normal",
+                                    "prior_kwargs": None} | {
+        k: v for k, v in imported.init_params.items() if k in ("prior", "prior_kwargs")}
+    own, theirs = model.module.state_dict(), imported.module.state_dict()
+    assert own.keys() == theirs.keys()
+    for name in own:
+        torch.testing.assert_close(theirs[name], own[name], rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(imported.train_indices, model.train_indices)
+    _close(imported.get_latent_representation(), model.get_latent_representation())
+
+
+def test_exported_file_is_read_back_as_data_only(tmp_path, covariate_data):
+    model = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"))
+    model.to_scvi_tools(tmp_path)
+    content = read_model_pt(tmp_path / "model.pt")
+    registry = content["attr_dict"]["registry_"]
+    assert registry["model_name"] == "SCVI"
+    assert list(registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]) \
+        == list(model.registry.batch_categories)
+    # The history is written as scvi-tools keeps it (DataFrames) and read back inert.
+    assert all(isinstance(v, NotRead) for v in content["attr_dict"]["history_"].values())
+    assert set(content["attr_dict"]["history_"]) == set(model.history.columns)
+
+
+def test_export_refuses_what_scvi_tools_lacks(tmp_path, covariate_data):
+    mog = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"), prior="mog")
+    with pytest.raises(ValueError, match="prior='mog'"):
+        mog.to_scvi_tools(tmp_path / "mog")
+    assert not (tmp_path / "mog").exists()
+    deep = _trained(pyrovi.SCVI, covariate_data,
+                    dict(batch_key="batch", continuous_covariate_keys=["dose"]), n_layers=2)
+    with pytest.raises(ValueError, match="first layer only"):
+        deep.to_scvi_tools(tmp_path / "deep")
+    plain = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"))
+    plain.to_scvi_tools(tmp_path / "plain")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        plain.to_scvi_tools(tmp_path / "plain")
+
+
+# -- reading safely -------------------------------------------------------------------------
+
+
+class _Payload:
+    """An object whose unpickling would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _planted(source: Path, target: Path, marker: Path) -> Path:
+    """A copy of the scvi-tools-style folder ``source`` whose model.pt carries a payload."""
+    shutil.copytree(source, target)
+    content = torch.load(target / "model.pt", weights_only=False)  # our own test file
+    content["attr_dict"]["history_"] = {"train_loss": _Payload(marker)}
+    torch.save(content, target / "model.pt")
+    return target
+
+
+def test_a_payload_in_model_pt_does_not_run(tmp_path, covariate_data):
+    model = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"))
+    model.to_scvi_tools(tmp_path / "clean", save_anndata=True)
+    marker = tmp_path / "pwned"
+    folder = _planted(tmp_path / "clean", tmp_path / "planted", marker)
+    for read in (lambda: read_model_pt(folder / "model.pt"),
+                 lambda: ScviToolsFolder(folder),
+                 lambda: pyrovi.from_scvi_tools(folder),
+                 lambda: pyrovi.from_scvi_tools(folder, adata=model.adata)):
+        with pytest.raises(ModelFileError, match="system"):
+            read()
+        assert not marker.exists()
+
+
+def test_bad_folders_get_clear_errors(tmp_path, covariate_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match="no model.pt"):
+        pyrovi.from_scvi_tools(empty)
+    model = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"))
+    model.save(tmp_path / "pyrovi_folder")
+    with pytest.raises(ModelFileError, match="pyrovi model folder"):
+        pyrovi.from_scvi_tools(tmp_path / "pyrovi_folder")
+    model.to_scvi_tools(tmp_path / "good")
+    # a damaged file
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "good", damaged)
+    data = (damaged / "model.pt").read_bytes()
+    (damaged / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or damaged"):
+        pyrovi.from_scvi_tools(damaged, adata=model.adata)
+    # an scvi-tools class pyrovi does not have
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "good", other)
+    content = torch.load(other / "model.pt", weights_only=False)  # our own test file
+    content["attr_dict"]["registry_"]["model_name"] = "PEAKVI"
+    torch.save(content, other / "model.pt")
+    with pytest.raises(ValueError, match="PEAKVI; pyrovi imports"):
+        pyrovi.from_scvi_tools(other, adata=model.adata)
+    # an option of scvi-tools that pyrovi does not have
+    content["attr_dict"]["registry_"]["model_name"] = "SCVI"
+    content["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["batch_representation"] = "embedding"
+    torch.save(content, other / "model.pt")
+    with pytest.raises(ValueError, match="batch_representation='embedding'"):
+        pyrovi.from_scvi_tools(other, adata=model.adata)
+
+
+def test_genes_that_do_not_match_are_refused_and_data_left_alone(tmp_path, covariate_data):
+    model = _trained(pyrovi.SCVI, covariate_data, dict(batch_key="batch"))
+    model.to_scvi_tools(tmp_path)
+    adata = covariate_data[:, 2:].copy()
+    uns, obs = dict(adata.uns), adata.obs.copy()
+    with pytest.raises(ValueError, match="genes of adata do not match"):
+        pyrovi.from_scvi_tools(tmp_path, adata=adata)
+    no_data = tmp_path / "no_data"
+    with pytest.raises(ModelFileError):
+        pyrovi.from_scvi_tools(no_data)
+    with pytest.raises(ModelFileError, match="adata="):
+        pyrovi.from_scvi_tools(tmp_path)
+    assert dict(adata.uns) == uns
+    assert adata.obs.equals(obs)
+    # the user's AnnData is not set up by importing
+    imported = pyrovi.from_scvi_tools(tmp_path, adata=covariate_data)
+    assert "_pyrovi" not in covariate_data.uns
+    assert imported.adata is covariate_data
+
+
+# -- against live scvi-tools ----------------------------------------------------------------
+
+
+def _scvi_tools_outputs(model, adata):
+    """scvi-tools' latent means and decoder outputs at the posterior mean, on all cells."""
+    loader = model._make_data_loader(adata, batch_size=adata.n_obs)
+    tensors = next(iter(loader))
+    module = model.module.eval()
+    with torch.no_grad():
+        inference = module.inference(**module._get_inference_input(tensors))
+        inputs = module._get_generative_input(tensors, inference)
+        inputs["z"] = inference["qz"].loc
+        if inference.get("ql") is not None:
+            inputs["library"] = inference["ql"].loc
+        px = module.generative(**inputs)["px"]
+    return inference["qz"].loc.numpy(), px
+
+
+def _pyrovi_outputs(model):
+    data, _, _ = model.cell_data()
+    batch = data.minibatch(torch.arange(model.adata.n_obs))
+    module = model.module.eval()
+    with torch.no_grad():
+        q = module.encode(batch["x"], batch["batch_index"], batch.get("cat_covs"),
+                          batch.get("cont_covs"))
+        library = (q.library_loc if q.library_loc is not None
+                   else module.observed_log_library(batch["x"]))
+        return q.z_loc.numpy(), module.generative(q.z_loc, library, batch["batch_index"],
+                                                  batch.get("labels"), batch.get("cat_covs"),
+                                                  batch.get("cont_covs"))
+
+
+LIVE = [
+    ("SCVI", dict(batch_key="batch", labels_key="cluster", categorical_covariate_keys=["site"],
+                  continuous_covariate_keys=["dose"]),
+     dict(use_observed_lib_size=False)),
+    ("SCVI", dict(batch_key="batch", continuous_covariate_keys=["dose"]),
+     dict(gene_likelihood="nb", dispersion="gene-batch", encode_covariates=True, n_layers=2,
+          use_layer_norm="both", use_batch_norm="none")),
+    ("SCVI", dict(batch_key="batch"), dict(dispersion="gene-cell", n_layers=2,
+                                           deeply_inject_covariates=False)),
+    ("LinearSCVI", dict(batch_key="batch"), dict(gene_likelihood="zinb", bias=True,
+                                                 use_observed_lib_size=True)),
+]
+
+
+@pytest.mark.parametrize(("name", "setup", "params"), LIVE,
+                         ids=["scvi-covariates", "scvi-nb-encoded", "scvi-gene-cell", "linear"])
+def test_live_scvi_tools_models_import_and_export_exactly(tmp_path, covariate_data, name,
+                                                          setup, params):
+    scvi = pytest.importorskip("scvi")
+    adata = covariate_data.copy()
+    cls = getattr(scvi.model, name)
+    cls.setup_anndata(adata, **setup)
+    reference = cls(adata, n_latent=3, n_hidden=16, **params)
+    reference.train(max_epochs=3, enable_progress_bar=False)
+    reference.save(tmp_path / "ref", save_anndata=True)
+    latent, px = _scvi_tools_outputs(reference, adata)
+
+    model = pyrovi.from_scvi_tools(tmp_path / "ref")
+    z, out = _pyrovi_outputs(model)
+    _close(z, latent)
+    _close(model.get_latent_representation(), latent)
+    _close(out["rho"], px.scale)
+    _close(out["mu"], px.mu)
+    if out["theta"] is not None:
+        _close(torch.broadcast_to(out["theta"], out["mu"].shape),
+               torch.broadcast_to(px.theta, out["mu"].shape))
+    if out["zi_logits"] is not None:
+        _close(out["zi_logits"], px.zi_logits)
+    if name == "LinearSCVI":
+        _close(model.get_loadings().to_numpy(), reference.get_loadings().to_numpy())
+
+    model.to_scvi_tools(tmp_path / "back")
+    reloaded = cls.load(tmp_path / "back", adata=adata)
+    _close(reloaded.get_latent_representation(), latent)
