@@ -263,3 +263,58 @@ def test_live_scvi_tools_models_import_and_export_exactly(tmp_path, covariate_da
     model.to_scvi_tools(tmp_path / "back")
     reloaded = cls.load(tmp_path / "back", adata=adata)
     _close(reloaded.get_latent_representation(), latent)
+
+
+# -- folders saved by scvi-tools 1.4.2 and 1.5.1 (committed, no scvi-tools needed) -----------
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "scvi_tools"
+VERSIONS = ["1.4.2", "1.5.1"]
+
+
+def _reference(folder: Path) -> dict:
+    with np.load(folder / "reference.npz", allow_pickle=False) as arrays:
+        return dict(arrays)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", ["scvi_batch_latent_library", "scvi_nb_encode_covariates",
+                                  "linear_scvi"])
+def test_scvi_tools_folders_give_scvi_tools_outputs(version, name):
+    folder = FIXTURES / version / name
+    expected = _reference(folder)
+    model = pyrovi.from_scvi_tools(folder)
+    assert type(model) is (pyrovi.LDVAE if name == "linear_scvi" else pyrovi.SCVI)
+    _close(model.get_latent_representation(), expected["latent_mean"])
+    z, out = _pyrovi_outputs(model)
+    _close(z, expected["latent_mean"])
+    _close(out["rho"], expected["px_scale"])
+    _close(out["mu"], expected["px_rate"])
+    _close(torch.broadcast_to(out["theta"], out["mu"].shape), expected["px_r"])
+    if "px_dropout" in expected and out["zi_logits"] is not None:
+        _close(out["zi_logits"], expected["px_dropout"])
+    if name == "linear_scvi":
+        _close(model.get_loadings().to_numpy(), expected["loadings"])
+    data, _, _ = model.cell_data()
+    batch = data.minibatch(torch.arange(model.adata.n_obs))
+    np.testing.assert_array_equal(batch["batch_index"].numpy().ravel(), expected["batch_index"])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_scvi_tools_folder_maps_a_query_and_is_criticised(version, tmp_path):
+    reference = pyrovi.from_scvi_tools(FIXTURES / version / "scvi_nb_encode_covariates")
+    query = reference.adata[:30].copy()
+    query.obs["batch"] = "new_batch"
+    query.obs_names = [f"query_{i}" for i in range(query.n_obs)]
+    mapped = pyrovi.SCVI.load_query_data(query, reference)
+    before = {k: v.clone() for k, v in mapped.module.state_dict().items()}
+    mapped.train(max_epochs=3, progress_bar=False, seed=0)
+    after = mapped.module.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("cat_weights.0" in k or "log_theta" in k or "running" in k
+                           or "num_batches" in k for k in changed), changed
+    assert mapped.get_latent_representation().shape == (30, 5)
+    check = pyrovi.criticism.PosteriorPredictiveCheck(reference.adata, {"import": reference},
+                                                      n_samples=2, progress_bar=False, seed=0)
+    assert np.isfinite(check.calibration_error().to_numpy(dtype=float)).all()
+    idata = pyrovi.criticism.to_arviz(reference, n_samples=2)
+    assert idata["posterior_predictive"]["x"].shape[-2:] == (reference.adata.n_obs, 150)
