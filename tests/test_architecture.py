@@ -40,9 +40,10 @@ LAYERS = {
     "pyrovi.__main__": 12,
 }
 MAX_LINES = 600
-#: Where proteins may be named: their data field, likelihood and decoder, TotalVI's files,
-#: the protein background prior, and the places that list every model or field by name.
-MAX_PROTEIN_MODULES = 10
+#: Where proteins may be named: their data field, likelihood and decoder, TotalVI's files
+#: (its scvi-tools weight mapping included), the protein background prior, and the places
+#: that list every model or field by name.
+MAX_PROTEIN_MODULES = 11
 
 
 def module_name(path: Path) -> str:

@@ -9,6 +9,8 @@ utilities) serves AnnData and MuData alike. The matrices are referenced, not cop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -86,6 +88,38 @@ def _aligned_column(source, key: str, cells: pd.Index, modality: str, role: str)
             "another modality with modalities=.")
     # Another order of the same cells: match by name.
     return column.reindex(cells).to_numpy()
+
+
+def setup_obs_keys(
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+) -> dict[str, list[str]]:
+    """The obs columns each setup argument names (only the arguments that name any), as
+    :func:`flatten_mudata`'s ``obs_keys``.
+
+    Parameters
+    ----------
+    batch_key, labels_key, size_factor_key
+        Single obs columns (or ``None``).
+    categorical_covariate_keys, continuous_covariate_keys
+        Lists of obs columns (or ``None``).
+
+    Returns
+    -------
+    dict
+        ``{argument: [columns]}``.
+    """
+    keys = {
+        "batch_key": [batch_key],
+        "labels_key": [labels_key],
+        "size_factor_key": [size_factor_key],
+        "categorical_covariate_keys": list(categorical_covariate_keys or []),
+        "continuous_covariate_keys": list(continuous_covariate_keys or []),
+    }
+    return {role: [k for k in ks if k] for role, ks in keys.items() if any(ks)}
 
 
 def flatten_mudata(

@@ -24,6 +24,7 @@ from pyrovi.data.multimodal import (
     flatten_mudata,
     is_mudata,
     resolve_modalities,
+    setup_obs_keys,
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
 from pyrovi.io.model_classes import register_model_class
@@ -32,18 +33,6 @@ from pyrovi.models.base import BaseModel
 from pyrovi.modules import TOTALVIModule, protein_background
 
 logger = logging.getLogger(__name__)
-
-def _obs_keys(batch_key=None, labels_key=None, size_factor_key=None,
-              categorical_covariate_keys=None, continuous_covariate_keys=None):
-    """The obs columns each setup argument names (only the arguments that name any)."""
-    keys = {
-        "batch_key": [batch_key],
-        "labels_key": [labels_key],
-        "size_factor_key": [size_factor_key],
-        "categorical_covariate_keys": list(categorical_covariate_keys or []),
-        "continuous_covariate_keys": list(continuous_covariate_keys or []),
-    }
-    return {role: [k for k in ks if k] for role, ks in keys.items() if any(ks)}
 
 
 @register_model_class
@@ -83,6 +72,10 @@ class TOTALVI(BaseModel):
         Treat proteins that are all zero within a batch as measured (no masking).
     use_observed_lib_size, encode_covariates, use_batch_norm, use_layer_norm, prior, prior_kwargs
         As for :class:`~pyrovi.SCVI` (covariates are encoded by default, as in scvi-tools).
+    network_layout, dropout_rate_decoder, background_activation
+        ``"scvi-tools"``: scvi-tools' TotalVI networks and computations, whose weights map one
+        to one, with its decoder dropout (default 0.2) and background scale activation
+        (default ``"softplus"``); see :class:`~pyrovi.modules.TOTALVIModule`.
 
     Examples
     --------
@@ -120,6 +113,9 @@ class TOTALVI(BaseModel):
         use_layer_norm: str = "none",
         prior="normal",
         prior_kwargs: dict | None = None,
+        network_layout: str = "pyrovi",
+        dropout_rate_decoder: float | None = None,
+        background_activation: str | None = None,
     ):
         self.mdata = adata if is_mudata(adata) else None
         adata = self.as_anndata(adata)
@@ -142,6 +138,9 @@ class TOTALVI(BaseModel):
             use_layer_norm=use_layer_norm,
             prior=prior,
             prior_kwargs=prior_kwargs,
+            network_layout=network_layout,
+            dropout_rate_decoder=dropout_rate_decoder,
+            background_activation=background_activation,
         )
 
     # -- data -----------------------------------------------------------------------------
@@ -232,7 +231,7 @@ class TOTALVI(BaseModel):
         >>> model = pyrovi.TOTALVI(mdata)  # doctest: +SKIP
         """
         fields = resolve_modalities(modalities)
-        flat = flatten_mudata(mdata, fields, rna_layer, protein_layer, _obs_keys(
+        flat = flatten_mudata(mdata, fields, rna_layer, protein_layer, setup_obs_keys(
             batch_key, labels_key, size_factor_key, categorical_covariate_keys,
             continuous_covariate_keys))
         cls.setup_anndata(
@@ -255,7 +254,7 @@ class TOTALVI(BaseModel):
             raise ValueError("This MuData was not set up with TOTALVI.setup_mudata.")
         flat = flatten_mudata(
             mdata, fields, fields["rna_layer_name"] or None, fields["protein_layer_name"] or None,
-            _obs_keys(registry.batch_key, registry.labels_key, registry.size_factor_key,
+            setup_obs_keys(registry.batch_key, registry.labels_key, registry.size_factor_key,
                       registry.categorical_covariate_keys, registry.continuous_covariate_keys),
         )
         flat.uns[REGISTRY_UNS_KEY] = registry.to_dict()

@@ -34,6 +34,7 @@ from pyrovi.nn import (
     AmortizedPosterior,
     Dispersion,
     ExpressionDecoder,
+    ExpressionParams,
     latent_transform,
 )
 from pyrovi.nn.fc import check_layer_size
@@ -191,6 +192,9 @@ class SCVIModule(nn.Module):
         other modalities to the genes.
     n_layers_encoder, n_layers_decoder
         Hidden layers of each network (default ``n_layers`` for both).
+    encoder
+        Replace the encoder built from the options above (e.g. one with another covariate
+        layout); an :class:`~pyrovi.nn.AmortizedEncoder` or a module with its interface.
     """
 
     #: Observed sites (posterior predictive samples) and the plate over cells.
@@ -234,6 +238,7 @@ class SCVIModule(nn.Module):
         n_encoder_input: int | None = None,
         n_layers_encoder: int | None = None,
         n_layers_decoder: int | None = None,
+        encoder: nn.Module | None = None,
     ):
         super().__init__()
         for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent),
@@ -256,7 +261,7 @@ class SCVIModule(nn.Module):
         self.z_transform = latent_transform(latent_distribution)
 
         cat_list = [n_batch, *n_cats_per_cov]
-        self.encoder = AmortizedEncoder(
+        self.encoder = encoder or AmortizedEncoder(
             n_encoder_input or n_input,
             n_latent,
             n_cat_list=cat_list if encode_covariates else (),
@@ -359,6 +364,11 @@ class SCVIModule(nn.Module):
             dispersion, ``None`` for Poisson) and ``zi_logits`` (``None`` unless ZINB).
         """
         out = self.decoder(self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        return self.expression_params(out, log_library, batch_index, labels)
+
+    def expression_params(self, out: ExpressionParams, log_library, batch_index, labels=None
+                          ) -> dict:
+        """:meth:`generative`'s dictionary from the decoder's outputs ``out``."""
         theta = None
         if self.gene_likelihood != "poisson":
             theta = self.dispersion(batch_index, labels, out.theta_logits)

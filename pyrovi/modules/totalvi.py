@@ -18,6 +18,21 @@ Amortized posterior::
     q(z_n | x_n, y_n)      = Normal(g(log1p x_n ⊕ log1p y_n, s_n))
     q(log l_n | x_n, y_n)  = Normal(h(log1p x_n ⊕ log1p y_n, s_n))   (latent library only)
     q(log β_n | z_n)       = Normal(k(z_n, s_n))
+
+``network_layout="scvi-tools"`` builds the networks as scvi-tools' ``TOTALVAE`` does (one
+network per output, continuous covariates appended to the first layer's input), so its
+weights map one to one, and follows what scvi-tools (≥ 1.2) computes around them:
+
+- the encoder reads ``log1p(x_n / (1 + mean_g x_ng))`` ⊕ ``log1p(y_n / (1 + mean_t y_nt))``;
+- a sampled log library size is clamped at 15 before it scales the expression;
+- both protein means are multiplied by a learned efficiency ``e_{t s_n}`` per protein and
+  batch (``log e`` starts at 0), a point estimate with a LogNormal(0, 1) penalty per cell;
+- ``1e-3 · log sigmoid(π_nt)`` per cell nudges the mixing towards the background;
+- proteins not measured in a batch are also left out of the background's KL term.
+
+The two penalties are ``pyro.factor`` sites in the cell plate: they weigh as much as in
+scvi-tools at the end of its KL warm-up (which scales them), and per-cell monitoring counts
+them with the data terms.
 """
 
 from __future__ import annotations
@@ -28,13 +43,26 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pyrovi.distributions import NegativeBinomialMixture
 from pyrovi.modules.plates import cell_plate
 from pyrovi.modules.scvi import SCVIModule
-from pyrovi.nn import Dispersion, GaussianEncoder, ProteinDecoder
+from pyrovi.nn import (
+    AmortizedEncoder,
+    Dispersion,
+    GaussianEncoder,
+    ProteinDecoder,
+    ScviToolsTotalVIDecoder,
+)
+from pyrovi.priors import VampPrior
 
 PROTEIN_DISPERSIONS = ("protein", "protein-batch", "protein-label")
+NETWORK_LAYOUTS = ("pyrovi", "scvi-tools")
+#: scvi-tools clamps a sampled log library size here before exponentiating it.
+_MAX_LOG_LIBRARY = 15.0
+#: Weight of scvi-tools' per-cell push of the mixing logits towards the background.
+_MIXING_PENALTY = 1e-3
 #: Bounds of the background log-rate (rates from ~5e-5 to ~1e6 counts): they keep the
 #: protein likelihood finite when the posterior of a degenerate protein drifts.
 _LOG_BACKGROUND_RANGE = (-10.0, 14.0)
@@ -68,6 +96,17 @@ class TOTALVIModule(SCVIModule):
         the RNA (see :func:`~pyrovi.modules.scvi.count_likelihood`).
     n_hidden, n_latent, n_layers_encoder, n_layers_decoder, dropout_rate_encoder
         Network sizes (scvi-tools' TotalVI defaults 256, 20, 2, 1, 0.2).
+    network_layout
+        ``"pyrovi"`` (one trunk per decoder with heads) or ``"scvi-tools"`` (scvi-tools'
+        networks and the computations around them, see the module docstring; needs
+        ``deeply_inject_covariates``, no ``"gene-cell"`` dispersion, and no VampPrior with
+        encoded continuous covariates).
+    dropout_rate_decoder
+        Dropout in the decoders' hidden networks: ``"scvi-tools"`` layout only (default
+        0.2, as scvi-tools); pyrovi's decoders have none.
+    background_activation
+        ``"softplus"`` (default) or ``"exp"``: the map to the background posterior's scale
+        in the ``"scvi-tools"`` layout (``"exp"`` for models saved by scvi-tools < 1.2).
     **kwargs
         The remaining :class:`SCVIModule` options (batch, labels, covariates, library,
         latent distribution, normalisation, ``prior``, ``prior_kwargs``).
@@ -103,6 +142,9 @@ class TOTALVIModule(SCVIModule):
         deeply_inject_covariates: bool = True,
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
+        network_layout: str = "pyrovi",
+        dropout_rate_decoder: float | None = None,
+        background_activation: str | None = None,
         **kwargs,
     ):
         if not callable(gene_likelihood) and gene_likelihood not in ("nb", "zinb"):
@@ -114,6 +156,29 @@ class TOTALVIModule(SCVIModule):
                 f"protein_dispersion must be one of {PROTEIN_DISPERSIONS}, got "
                 f"{protein_dispersion!r}."
             )
+        if network_layout not in NETWORK_LAYOUTS:
+            raise ValueError(f"network_layout must be one of {NETWORK_LAYOUTS}, got "
+                             f"{network_layout!r}.")
+        cat_list = [n_batch, *n_cats_per_cov]
+        if network_layout == "scvi-tools":
+            _check_scvi_tools_options(gene_dispersion, deeply_inject_covariates, encode_covariates,
+                                      n_continuous_cov, kwargs.get("prior", "normal"))
+            kwargs.update(_scvi_tools_networks(
+                n_input, n_proteins, cat_list, n_continuous_cov, n_hidden=n_hidden,
+                n_latent=n_latent, n_layers_encoder=n_layers_encoder,
+                n_layers_decoder=n_layers_decoder, dropout_rate_encoder=dropout_rate_encoder,
+                dropout_rate_decoder=0.2 if dropout_rate_decoder is None else dropout_rate_decoder,
+                encode_covariates=encode_covariates, use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
+                background_activation=background_activation or "softplus",
+                zero_inflation=gene_likelihood == "zinb" or callable(gene_likelihood),
+                # SCVIModule's options, with its defaults
+                latent_library=not kwargs.get("use_observed_lib_size", True),
+                latent_distribution=kwargs.get("latent_distribution", "normal"),
+                use_size_factor=kwargs.get("use_size_factor", False)))
+        elif dropout_rate_decoder or background_activation is not None:
+            raise ValueError("dropout_rate_decoder and background_activation set the networks "
+                             "of network_layout='scvi-tools'; pyrovi's layout has neither.")
         super().__init__(
             n_input,
             n_batch=n_batch,
@@ -135,21 +200,25 @@ class TOTALVIModule(SCVIModule):
             **kwargs,
         )
         self.n_proteins = n_proteins
-        cat_list = [n_batch, *n_cats_per_cov]
-        decoder_norm = dict(
-            use_batch_norm=use_batch_norm in ("decoder", "both"),
-            use_layer_norm=use_layer_norm in ("decoder", "both"),
-            inject_covariates=deeply_inject_covariates,
-        )
-        self.protein_decoder = ProteinDecoder(
-            n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
-            n_layers=n_layers_decoder, n_hidden=n_hidden, **decoder_norm,
-        )
-        # q(log β | z): amortized through z (and the batch), as in the reference model.
-        self.background_encoder = GaussianEncoder(
-            n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
-            n_layers=n_layers_decoder, n_hidden=n_hidden, dropout_rate=0.0, **decoder_norm,
-        )
+        self.network_layout = network_layout
+        if network_layout == "pyrovi":
+            decoder_norm = dict(
+                use_batch_norm=use_batch_norm in ("decoder", "both"),
+                use_layer_norm=use_layer_norm in ("decoder", "both"),
+                inject_covariates=deeply_inject_covariates,
+            )
+            self.protein_decoder = ProteinDecoder(
+                n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
+                n_layers=n_layers_decoder, n_hidden=n_hidden, **decoder_norm,
+            )
+            # q(log β | z): amortized through z (and the batch), as in the reference model.
+            self.background_encoder = GaussianEncoder(
+                n_latent, n_proteins, n_cat_list=cat_list, n_cont=n_continuous_cov,
+                n_layers=n_layers_decoder, n_hidden=n_hidden, dropout_rate=0.0, **decoder_norm,
+            )
+        else:
+            # log e_ts: scvi-tools' per-batch efficiency of each protein's capture.
+            self.log_protein_efficiency = nn.Parameter(torch.zeros(n_proteins, n_batch))
         self.protein_dispersion = Dispersion(
             n_proteins, protein_dispersion, n_batch=n_batch, n_labels=n_labels,
             log_theta_init=(0.0, 2.0))
@@ -168,20 +237,33 @@ class TOTALVIModule(SCVIModule):
     # -- pieces shared by model, guide and the posterior utilities ------------------------
 
     def encoder_input(self, x, y=None) -> torch.Tensor:
-        """What the encoder reads: ``log1p`` RNA ⊕ ``log1p`` protein counts."""
+        """What the encoder reads: ``log1p`` RNA ⊕ ``log1p`` protein counts (in the
+        ``"scvi-tools"`` layout each cell's counts of a modality over 1 + their mean)."""
+        if self.network_layout == "scvi-tools":
+            return torch.cat([torch.log1p(x / (1 + x.mean(-1, keepdim=True))),
+                              torch.log1p(y / (1 + y.mean(-1, keepdim=True)))], dim=-1)
         return torch.log1p(torch.cat([x, y], dim=-1))
 
     def encode(self, x, batch_index, cat_covs=None, cont_covs=None, y=None):
         """Parameters of q(z, log l | x, y): the shared encoder on log1p RNA ⊕ log1p protein."""
         features = self.encoder_input(x, y)
-        if self.encode_covariates:
-            return self.encoder(features, self.covariates(batch_index, cat_covs), cont_covs)
-        return self.encoder(features)
+        if not self.encode_covariates:
+            return self.encoder(features)
+        cats = self.covariates(batch_index, cat_covs)
+        if self.network_layout == "scvi-tools" and cont_covs is not None:
+            return self.encoder(torch.cat([features, cont_covs], dim=-1), cats)
+        return self.encoder(features, cats, cont_covs)
 
     def background_posterior(self, z, batch_index, cat_covs=None, cont_covs=None):
         """``(loc, scale)`` of q(log β | z) for a minibatch."""
-        return self.background_encoder(
-            self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        cats = self.covariates(batch_index, cat_covs)
+        if self.network_layout == "scvi-tools":
+            return self.decoder.background_posterior(self.z_transform(z), cats, cont_covs)
+        return self.background_encoder(self.z_transform(z), cats, cont_covs)
+
+    def measured(self, batch_index) -> torch.Tensor:
+        """``(n_cells, n_proteins)`` booleans: which proteins each cell's batch measured."""
+        return self.protein_batch_mask.index_select(0, batch_index)
 
     def background_prior(self, batch_index) -> dist.Distribution:
         """Prior of the log background rate of each cell's proteins (its batch's)."""
@@ -199,11 +281,22 @@ class TOTALVIModule(SCVIModule):
         dict
             scVI's ``rho``, ``mu``, ``theta``, ``zi_logits`` for RNA, and for proteins
             ``background`` (β), ``foreground`` (β·α), ``mixing_logits`` (π, logit of the
-            background weight) and ``protein_theta`` (φ).
+            background weight) and ``protein_theta`` (φ); in the ``"scvi-tools"`` layout
+            also ``protein_efficiency`` (e, which multiplies β and β·α in the likelihood).
         """
-        params = super().generative(z, log_library, batch_index, labels, cat_covs, cont_covs)
-        protein = self.protein_decoder(
-            self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        if self.network_layout == "pyrovi":
+            params = super().generative(z, log_library, batch_index, labels, cat_covs,
+                                        cont_covs)
+            protein = self.protein_decoder(
+                self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+        else:
+            expression, protein = self.decoder(
+                self.z_transform(z), self.covariates(batch_index, cat_covs), cont_covs)
+            if not self.use_observed_lib_size:
+                log_library = log_library.clamp(max=_MAX_LOG_LIBRARY)
+            params = self.expression_params(expression, log_library, batch_index, labels)
+            params["protein_efficiency"] = (
+                self.log_protein_efficiency.T.index_select(0, batch_index).exp())
         background = log_background.clamp(*_LOG_BACKGROUND_RANGE).exp()
         params.update(
             background=background,
@@ -215,12 +308,30 @@ class TOTALVIModule(SCVIModule):
 
     def protein_likelihood(self, params: dict, batch_index) -> dist.Distribution:
         """The distribution of a cell's protein counts, with unmeasured proteins masked."""
+        background, foreground = params["background"], params["foreground"]
+        efficiency = params.get("protein_efficiency")
+        if efficiency is not None:
+            background, foreground = efficiency * background, efficiency * foreground
         mixture = NegativeBinomialMixture(
-            mu1=params["background"], mu2=params["foreground"],
+            mu1=background, mu2=foreground,
             theta1=params["protein_theta"], mixture_logits=params["mixing_logits"],
         )
-        measured = self.protein_batch_mask.index_select(0, batch_index)
-        return mixture.mask(measured).to_event(1)
+        return mixture.mask(self.measured(batch_index)).to_event(1)
+
+    def _background_site(self, distribution: dist.Distribution, batch_index):
+        """The background's distribution per cell; scvi-tools leaves the proteins a batch did
+        not measure out of its KL term, so that layout masks them (in model and guide)."""
+        if self.network_layout == "scvi-tools":
+            distribution = distribution.mask(self.measured(batch_index))
+        return distribution.to_event(1)
+
+    def _scvi_tools_penalties(self, params: dict) -> None:
+        """scvi-tools' per-cell penalties: LogNormal(0, 1) on the efficiencies, and
+        ``1e-3 · log sigmoid(π)`` towards the background (over every protein)."""
+        efficiency_prior = dist.LogNormal(0.0, 1.0).log_prob(params["protein_efficiency"])
+        pyro.factor("protein_efficiency_prior", efficiency_prior.sum(-1))
+        pyro.factor("protein_mixing_penalty",
+                    _MIXING_PENALTY * F.logsigmoid(params["mixing_logits"]).sum(-1))
 
     # -- the model/guide pair -------------------------------------------------------------
 
@@ -239,9 +350,12 @@ class TOTALVIModule(SCVIModule):
                 log_library = pyro.sample("library", self.library_prior(batch_index))
             # log beta_nt ~ N(c_bt, d_bt^2): protein background rates, prior per batch
             log_background = pyro.sample(
-                "protein_background", self.background_prior(batch_index).to_event(1))
+                "protein_background",
+                self._background_site(self.background_prior(batch_index), batch_index))
             params = self.generative(z, log_library, batch_index, labels, cat_covs, cont_covs,
                                      log_background)
+            if self.network_layout == "scvi-tools":
+                self._scvi_tools_penalties(params)
             # x_ng ~ ZINB / NB(l_n rho_ng, theta_g): RNA counts, as in scVI
             pyro.sample("x", self.likelihood(params, x_nonzero), obs=x)
             # y_nt ~ sigmoid(pi_nt) NB(beta_nt, phi_t) + sigmoid(-pi_nt) NB(beta_nt alpha_nt,
@@ -261,4 +375,49 @@ class TOTALVIModule(SCVIModule):
                             dist.Normal(q.library_loc, q.library_scale).to_event(1))
             # q(log beta_n | z_n, s_n)
             loc, scale = self.background_posterior(z, batch_index, cat_covs, cont_covs)
-            pyro.sample("protein_background", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("protein_background",
+                        self._background_site(dist.Normal(loc, scale), batch_index))
+
+
+def _check_scvi_tools_options(gene_dispersion, deeply_inject_covariates, encode_covariates,
+                              n_continuous_cov, prior) -> None:
+    """Refuse the options scvi-tools' TotalVI networks cannot express."""
+    if gene_dispersion == "gene-cell":
+        raise ValueError("network_layout='scvi-tools' has no per-cell dispersion network "
+                         "(gene_dispersion='gene-cell'): use 'gene', 'gene-batch' or 'gene-label'.")
+    if not deeply_inject_covariates:
+        raise ValueError("network_layout='scvi-tools' injects the covariates into every "
+                         "layer: deeply_inject_covariates must be True.")
+    vamp = prior == "vamp" or isinstance(prior, VampPrior)
+    if vamp and encode_covariates and n_continuous_cov:
+        raise ValueError("prior='vamp' with network_layout='scvi-tools' cannot encode "
+                         "continuous covariates (appended to the encoder's input there); "
+                         "use encode_covariates=False or another prior.")
+
+
+def _scvi_tools_networks(n_input: int, n_proteins: int, cat_list: list[int], n_cont: int, *,
+                         n_hidden: int, n_latent: int, n_layers_encoder: int,
+                         n_layers_decoder: int, dropout_rate_encoder: float,
+                         dropout_rate_decoder: float, encode_covariates: bool,
+                         use_batch_norm: str, use_layer_norm: str, background_activation: str,
+                         zero_inflation: bool, latent_library: bool, latent_distribution: str,
+                         use_size_factor: bool) -> dict:
+    """``encoder`` and ``decoder`` arguments of :class:`SCVIModule` in scvi-tools' layout."""
+    encoder = AmortizedEncoder(
+        # scvi-tools appends the continuous covariates to the encoder's input.
+        n_input + n_proteins + (n_cont if encode_covariates else 0), n_latent,
+        n_cat_list=cat_list if encode_covariates else (), latent_library=latent_library,
+        library_network=True, n_layers=n_layers_encoder, n_hidden=n_hidden,
+        dropout_rate=dropout_rate_encoder, use_batch_norm=use_batch_norm in ("encoder", "both"),
+        use_layer_norm=use_layer_norm in ("encoder", "both"),
+        latent_distribution=latent_distribution,
+    )
+    decoder = ScviToolsTotalVIDecoder(
+        n_latent, n_input, n_proteins, n_cat_list=cat_list, n_cont=n_cont,
+        n_layers=n_layers_decoder, n_hidden=n_hidden, dropout_rate=dropout_rate_decoder,
+        use_batch_norm=use_batch_norm in ("decoder", "both"),
+        use_layer_norm=use_layer_norm in ("decoder", "both"),
+        scale_activation="softplus" if use_size_factor else "softmax",
+        background_activation=background_activation, zero_inflation=zero_inflation,
+    )
+    return {"encoder": encoder, "decoder": decoder}

@@ -10,7 +10,7 @@ from pyrovi.nn.encoder import (
     latent_transform,
 )
 from pyrovi.nn.fc import CovariateLinear, FCLayers
-from pyrovi.nn.protein import ProteinDecoder, ProteinParams
+from pyrovi.nn.protein import ProteinDecoder, ProteinParams, ScviToolsTotalVIDecoder
 
 __all__ = [
     "DISPERSIONS",
@@ -26,5 +26,6 @@ __all__ = [
     "LinearExpressionDecoder",
     "ProteinDecoder",
     "ProteinParams",
+    "ScviToolsTotalVIDecoder",
     "latent_transform",
 ]

@@ -116,6 +116,10 @@ class AmortizedEncoder(nn.Module):
         Covariates injected into both networks (empty when covariates are not encoded).
     latent_library
         Also encode a log-normal library size (scVI's ``use_observed_lib_size=False``).
+    library_network
+        Build the library network even when the library size is observed. scvi-tools'
+        TotalVI encoder always has one, so its weights need a place; it is not evaluated
+        unless ``latent_library``.
     n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm, inject_covariates
         Options of the z network; the library network has one layer, as in scvi-tools.
     latent_distribution
@@ -144,9 +148,11 @@ class AmortizedEncoder(nn.Module):
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
         latent_distribution: str = "normal",
+        library_network: bool = False,
     ):
         super().__init__()
         self.transform = latent_transform(latent_distribution)
+        self.latent_library = latent_library
         self.latent_distribution = latent_distribution
         common = dict(
             n_cat_list=n_cat_list, n_cont=n_cont, n_hidden=n_hidden, dropout_rate=dropout_rate,
@@ -155,7 +161,8 @@ class AmortizedEncoder(nn.Module):
         )
         self.z_encoder = GaussianEncoder(n_input, n_latent, n_layers=n_layers, **common)
         self.library_encoder = (
-            GaussianEncoder(n_input, 1, n_layers=1, **common) if latent_library else None
+            GaussianEncoder(n_input, 1, n_layers=1, **common)
+            if latent_library or library_network else None
         )
 
     def forward(
@@ -163,7 +170,7 @@ class AmortizedEncoder(nn.Module):
     ) -> AmortizedPosterior:
         """Encode already-transformed input ``x`` (e.g. ``log1p`` counts)."""
         z_loc, z_scale = self.z_encoder(x, cats, cont)
-        if self.library_encoder is None:
+        if not self.latent_library:
             return AmortizedPosterior(z_loc, z_scale)
         library_loc, library_scale = self.library_encoder(x, cats, cont)
         return AmortizedPosterior(z_loc, z_scale, library_loc, library_scale)

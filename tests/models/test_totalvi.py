@@ -301,3 +301,32 @@ def test_invalid_options_are_rejected():
         pyrovi.TOTALVI(adata, protein_dispersion="protein-cell")
     with pytest.raises(ValueError, match="'nb', 'zinb' or a callable"):
         pyrovi.TOTALVI(adata, gene_likelihood="poisson")
+
+
+def test_scvi_tools_network_layout_trains_saves_and_maps_a_query(tmp_path):
+    """The layout whose weights map to scvi-tools' works through the whole model API."""
+    adata = simulate_cite_seq(n_cells=300, n_genes=30, n_proteins=5, n_batches=3, seed=2)
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    last = sorted(adata.obs["batch"].unique())[-1]
+    reference, query_adata = adata[adata.obs["batch"] != last].copy(), adata[
+        adata.obs["batch"] == last].copy()
+    pyrovi.TOTALVI.setup_anndata(reference, protein_expression_obsm_key="protein_expression",
+                                 batch_key="batch")
+    model = pyrovi.TOTALVI(reference, n_latent=4, n_hidden=16, network_layout="scvi-tools",
+                           use_observed_lib_size=False, gene_likelihood="zinb")
+    assert not hasattr(model.module, "protein_decoder")
+    model.train(max_epochs=3, progress_bar=False, seed=0)
+    # The per-batch efficiency is learned (it starts at exactly 0).
+    assert model.module.log_protein_efficiency.abs().min() > 0
+    rna, protein = model.get_normalized_expression(n_samples=2)
+    assert np.isfinite(rna.to_numpy()).all() and np.isfinite(protein.to_numpy()).all()
+    assert model.posterior_predictive_sample().shape == (reference.n_obs, 35)
+    model.save(tmp_path / "model")
+    loaded = pyrovi.TOTALVI.load(tmp_path / "model", reference)
+    assert loaded.init_params["network_layout"] == "scvi-tools"
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  model.get_latent_representation())
+    query = pyrovi.TOTALVI.load_query_data(query_adata, model)
+    assert query.module.log_protein_efficiency.shape == (5, 3)
+    query.train(max_epochs=2, progress_bar=False, seed=0)
+    assert np.isfinite(query.get_latent_representation()).all()

@@ -114,7 +114,7 @@ def fc_layers_from_scvi_tools(state: dict, prefix: str, fc: FCLayers,
     return {k: v.clone() for k, v in out.items()}
 
 
-def fc_layers_to_scvi_tools(fc: FCLayers, prefix: str, what: str,
+def fc_layers_to_scvi_tools(fc: FCLayers, prefix: str, what: str = "this network",
                             batch_only: bool = False) -> dict:
     """scvi-tools' state-dict entries of the block ``prefix`` from the pyrovi block ``fc``.
 
