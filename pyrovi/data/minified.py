@@ -12,7 +12,7 @@ trained model need instead, under scvi-tools' keys (as scvi-tools 1.5 writes the
   its log).
 - ``adata.uns["_scvi_adata_minify_type"] = "latent_posterior_parameters"``.
 
-scvi-tools before 1.2 wrote ``_<stem>_latent_qzm``, ``_<stem>_latent_qzv`` and
+Older scvi-tools releases wrote ``_<stem>_latent_qzm``, ``_<stem>_latent_qzv`` and
 ``_<stem>_observed_lib_size``; those are read too. :class:`StoredPosteriorField` checks
 that the keys are complete and consistent and hands them to a minibatch as ``qz_loc``,
 ``qz_var`` and ``library_size`` (:data:`~pyrovi.data.tensors.QZ_LOC_FIELD`, ...);
@@ -32,7 +32,8 @@ from pyrovi.data.tensors import LIBRARY_SIZE_FIELD, QZ_LOC_FIELD, QZ_VAR_FIELD
 #: ``adata.uns`` key of the minification type, and the one type that replaces the counts.
 MINIFY_TYPE_UNS_KEY = "_scvi_adata_minify_type"
 LATENT_POSTERIOR = "latent_posterior_parameters"
-#: ``adata.obs`` column of the observed library size (scvi-tools 1.2 and later).
+#: ``adata.obs`` column of the observed library size (scvi-tools 1.5; older releases:
+#: ``_<stem>_observed_lib_size``).
 OBSERVED_LIB_SIZE_KEY = "observed_lib_size"
 
 
@@ -58,12 +59,12 @@ class MinifiedKeys:
 
     @classmethod
     def of(cls, stem: str) -> MinifiedKeys:
-        """The keys scvi-tools 1.2 and later write for the model of key stem ``stem``."""
+        """The keys scvi-tools 1.5 writes for the model of key stem ``stem``."""
         return cls(f"{stem}_latent_qzm", f"{stem}_latent_qzv", OBSERVED_LIB_SIZE_KEY)
 
     @classmethod
     def legacy(cls, stem: str) -> MinifiedKeys:
-        """The keys scvi-tools before 1.2 wrote."""
+        """The keys older scvi-tools releases wrote."""
         return cls(f"_{stem}_latent_qzm", f"_{stem}_latent_qzv", f"_{stem}_observed_lib_size")
 
     def present(self, adata) -> list[str]:
