@@ -16,6 +16,7 @@ import torch
 
 from pyrovi.criticism.interface import TrainedModel
 from pyrovi.data.indices import cell_positions
+from pyrovi.data.minified import is_minified, needs_counts
 from pyrovi.data.tensors import as_cell_data
 from pyrovi.posterior.core import pointwise_log_likelihood, posterior_samples
 
@@ -161,6 +162,8 @@ def to_arviz(
             raise ValueError("A bare model/guide module needs its per-cell arrays: data={...}.")
         return _module_to_arviz(model, data, n_samples, var_names, indices, batch_size,
                                 dict(coords or {}), log_likelihood)
+    if is_minified(model.adata if adata is None else adata):
+        raise needs_counts("to_arviz (its observed_data group holds the counts)")
     data, cells, adata_used = model.cell_data(adata, indices)
     features = model.observed_features()
     genes = model.feature_positions(GENE_SITE, gene_list)

@@ -29,11 +29,18 @@ from pyrovi.criticism.interface import TrainedModel, check_trained_model
 from pyrovi.criticism.ppc import PosteriorPredictiveCheck
 from pyrovi.criticism.predictive import modalities
 from pyrovi.data.fields import DataField
+from pyrovi.data.minified import is_minified
 
 logger = logging.getLogger(__name__)
 
 CARD_MARKDOWN = "README.md"
 CARD_JSON = "card.json"
+#: What a card of minified data says in place of the sections that compare with the counts.
+NEEDS_COUNTS = (
+    "The data are minified (adata.uns['_scvi_adata_minify_type']): their counts were "
+    "replaced by each cell's stored posterior. The held-out ELBO, the posterior predictive "
+    "checks and the differential-expression agreement compare the model with the observed "
+    "counts and need them: pass the AnnData with the counts (model.card(adata=...)).")
 _STAT_NAMES = {
     "mean_absolute_error": "Mean absolute error",
     "pearson": "Pearson correlation",
@@ -174,7 +181,8 @@ def model_card(
 ) -> dict:
     """Build (and optionally write) the card of a trained model.
 
-    Sections: model parameters, setup arguments, data registry, summary statistics,
+    Sections (on minified data, those that compare with the counts are replaced by a note
+    saying they need them): model parameters, setup arguments, data registry, summary statistics,
     training hyperparameters and history summary, cell-wise and gene-wise coefficient of
     variation of posterior predictive samples vs the raw counts (mean absolute error,
     Pearson, Spearman, R²) on training and validation cells, the per-cell-type
@@ -253,19 +261,25 @@ def model_card(
         "checks": {"n_samples": n_samples, "cells_per_split": {
             name: len(cells) for name, cells in splits.items()}, "seed": seed},
     }
-    if own_data and model.validation_indices is not None and len(model.validation_indices):
-        card["training"]["heldout_elbo_per_cell"] = model.get_elbo(
-            indices=model.validation_indices)
-    observed = list(modalities(model))
     checks = {}
-    for modality in observed if len(observed) > 1 else [None]:
-        suffix = "" if modality in (None, "rna") else f"_{modality}"
-        for metric, table in _cv_tables(model, adata, splits, n_samples, seed,
-                                        modality).items():
-            checks[metric + suffix] = table
+    if is_minified(adata):
+        # Minified data hold the stored posterior, not the counts: what compares with the
+        # counts is named as such, and the rest of the card is reported.
+        card["needs_counts"] = NEEDS_COUNTS
+    else:
+        if own_data and model.validation_indices is not None and len(model.validation_indices):
+            card["training"]["heldout_elbo_per_cell"] = model.get_elbo(
+                indices=model.validation_indices)
+        observed = list(modalities(model))
+        for modality in observed if len(observed) > 1 else [None]:
+            suffix = "" if modality in (None, "rna") else f"_{modality}"
+            for metric, table in _cv_tables(model, adata, splits, n_samples, seed,
+                                            modality).items():
+                checks[metric + suffix] = table
+        if labels_key is not None:
+            card["differential_expression"] = _de_table(model, adata, all_cells, labels_key,
+                                                        seed)
     card["posterior_predictive_checks"] = checks
-    if labels_key is not None:
-        card["differential_expression"] = _de_table(model, adata, all_cells, labels_key, seed)
     if embedding and (labels_key is not None or batch_key is not None):
         try:
             card["embedding_metrics"] = _embedding_table(model, adata, all_cells, labels_key,
@@ -351,6 +365,9 @@ def card_markdown(card: dict) -> str:
                 "heldout_elbo_per_cell"]
         out.append("### History summary (negative ELBO per cell, lower is better)\n\n"
                    + _pairs(history))
+    if card.get("needs_counts"):
+        out.append("## Checks against the observed counts\n\nNot computed: "
+                   + card["needs_counts"] + "\n")
     checks = card["posterior_predictive_checks"]
     if checks:
         cells = ", ".join(f"{k}: {v}" for k, v in card["checks"]["cells_per_split"].items())

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from pyrovi.criticism.interface import TrainedModel, feature_columns
 from pyrovi.criticism.stats import Matrix
 from pyrovi.data.fields import DataField
+from pyrovi.data.minified import is_minified, needs_counts
 
 #: The modality checked when none is named: the counts of the ``x`` site.
 DEFAULT_MODALITY = "rna"
@@ -84,6 +85,11 @@ def observed_counts(adata, models: Mapping[str, TrainedModel], modality: str,
         The counts matrix of every cell of ``adata``, the feature names, and ``{model name:
         columns of the modality in its posterior_predictive_sample output}``.
     """
+    if is_minified(adata):
+        raise needs_counts(
+            "A posterior predictive check (it compares generated counts with the observed "
+            "ones)", "Pass the AnnData with the counts as adata (the models may keep their "
+            "minified data).")
     fields = {name: modality_field(model, modality) for name, model in models.items()}
     site = next(iter(fields.values())).key
     first_name, first = next(iter(models.items()))

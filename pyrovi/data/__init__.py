@@ -12,6 +12,12 @@ from pyrovi.data.fields import (
     standard_fields,
 )
 from pyrovi.data.loaders import build_cell_tensors
+from pyrovi.data.minified import (
+    MinifiedDataError,
+    StoredPosteriorField,
+    is_minified,
+    minify_type,
+)
 from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk, read_ondisk
 from pyrovi.data.proteins import (
     ProteinField,
@@ -56,11 +62,13 @@ __all__ = [
     "CountsField",
     "DataField",
     "LabelsField",
+    "MinifiedDataError",
     "OnDiskCellData",
     "OnDiskMatrix",
     "ProteinField",
     "SetupError",
     "SizeFactorField",
+    "StoredPosteriorField",
     "as_cell_data",
     "build_cell_tensors",
     "call_arguments",
@@ -68,7 +76,9 @@ __all__ = [
     "check_protein_names",
     "check_var_names",
     "get_registry",
+    "is_minified",
     "is_on_disk",
+    "minify_type",
     "protein_matrix",
     "read_ondisk",
     "read_protein_field",

@@ -253,6 +253,11 @@ class DataField(ABC):
     def cell_array(self, adata):
         """Per-cell array (cells on axis 0; numpy or scipy sparse), or ``None``."""
 
+    def cell_arrays(self, adata) -> dict:
+        """``{minibatch keyword: per-cell array}`` of the field: its :meth:`cell_array` under
+        :attr:`key`, unless the field gives several (the stored posterior of minified data)."""
+        return {self.key: self.cell_array(adata)}
+
     @property
     def source(self) -> str | None:
         """Where in an AnnData the field is read (a layer or ``obsm`` key), for messages."""
@@ -343,7 +348,8 @@ class CountsField(DataField):
         totals = validate_counts(
             matrix, source=counts_source(self.layer), obs_names=adata.obs_names,
             var_names=adata.var_names, allow_non_integer=registry.allow_non_integer,
-            allow_empty_cells=registry.drop_empty_cells)
+            allow_empty_cells=registry.drop_empty_cells or _minified(registry))
+        _check_minified_counts(totals, self.layer, registry)
         if not adata.var_names.is_unique:
             duplicated = list(adata.var_names[adata.var_names.duplicated()][:5])
             raise SetupError(
@@ -362,6 +368,7 @@ class CountsField(DataField):
             matrix, source=counts_source(self.layer), obs_names=adata.obs_names,
             var_names=adata.var_names, allow_non_integer=registry.allow_non_integer,
             allow_empty_cells=True)
+        _check_minified_counts(totals, self.layer, registry)
         registry.n_cells = adata.n_obs
         registry.count_fingerprint = count_fingerprint(matrix)
         registry.remember_totals(matrix, totals)
@@ -376,6 +383,21 @@ class CountsField(DataField):
 
     def cell_array(self, adata):
         return counts_matrix(adata, self.layer)
+
+
+def _minified(registry) -> bool:
+    # The stored posterior field (registered first) records whether the data are minified.
+    return getattr(registry, "minified_data_type", None) is not None
+
+
+def _check_minified_counts(totals: np.ndarray, layer: str | None, registry) -> None:
+    """Minified data promise all-zero counts; counts present contradict the promise."""
+    if _minified(registry) and totals.any():
+        raise SetupError(
+            f"adata.uns['_scvi_adata_minify_type'] says the counts were removed (minified "
+            f"data), but {counts_source(layer)} holds counts in {int((totals > 0).sum())} "
+            "cell(s). To use the counts, delete that key (del "
+            "adata.uns['_scvi_adata_minify_type']); otherwise minify the data again.")
 
 
 class BatchField(DataField):

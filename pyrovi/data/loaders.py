@@ -55,12 +55,12 @@ def cell_fields(adata, registry: AnnDataRegistry, device: torch.device | str = "
     for field in registry.fields:
         if field.key == "x":  # the counts: kept on disk or moved by the caller
             continue
-        array = field.cell_array(adata)
-        if array is not None:
-            array = array[rows]
-        # Count-like fields stay sparse (CSR) on the device even when given dense.
-        arrays[field.key] = (CountMatrix(array, device) if field.is_counts and array is not None
-                             else per_cell_tensor(array, device))
+        for key, array in field.cell_arrays(adata).items():
+            if array is not None:
+                array = array[rows]
+            # Count-like fields stay sparse (CSR) on the device even when given dense.
+            arrays[key] = (CountMatrix(array, device) if field.is_counts and array is not None
+                           else per_cell_tensor(array, device))
     return arrays
 
 

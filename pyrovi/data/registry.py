@@ -31,6 +31,7 @@ from pyrovi.data.fields import (
     size_factors,
     standard_fields,
 )
+from pyrovi.data.minified import StoredPosteriorField, stored_posterior_field
 from pyrovi.data.validation import CountDataError, DataChangedError, cell_totals
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,9 @@ def setup_anndata(
     fields
         The fields the model reads, registered in this order (counts first); default
         :func:`~pyrovi.data.fields.standard_fields` of the keys above, which are then
-        ignored.
+        ignored. A :class:`~pyrovi.data.minified.StoredPosteriorField` among them registers
+        before all others (minified data then have all-zero counts); without one, minified
+        data (:mod:`pyrovi.data.minified`) are refused.
 
     Returns
     -------
@@ -324,11 +327,16 @@ def setup_anndata(
     check_names(adata)
     registry = AnnDataRegistry(model_name=model_name, allow_non_integer=allow_non_integer,
                                drop_empty_cells=drop_empty_cells)
+    # Whether the data are minified first: the counts are then expected all zero. A model
+    # that declares no stored posterior field refuses minified data here.
+    stored = stored_posterior_field(fields)
+    stored.register(adata, registry)
     for data_field in fields:
-        data_field.register(adata, registry)
+        if data_field is not stored:
+            data_field.register(adata, registry)
 
     n_empty = int((registry.cell_totals(adata) == 0).sum())
-    if n_empty:
+    if n_empty and not registry.is_minified:
         logger.warning("%d cell(s) with zero total counts will be left out of training.", n_empty)
     adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
     logger.info("Registered AnnData for %s: %s", model_name, registry.summary())
@@ -385,7 +393,7 @@ def check_var_names(reference_var_names: Sequence[str], adata, what: str = "the 
 
 
 def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str],
-                      store: bool = True):
+                      store: bool = True, minified_stem: str | None = None):
     """Register ``adata`` with a trained model's registry (same genes and categories).
 
     Used for query data, outputs on other data and ``load``: the fields and category
@@ -402,16 +410,22 @@ def register_new_data(reference: AnnDataRegistry, adata, var_names: Sequence[str
     store
         Store the registry in ``adata.uns`` (as ``setup_anndata`` would); otherwise the
         AnnData is left exactly as it was (its own set-up, if any, stays).
+    minified_stem
+        Key stem of the model's stored posterior when it can read minified data
+        (:class:`~pyrovi.data.minified.StoredPosteriorField`); ``None`` refuses them.
 
     Returns
     -------
     AnnDataRegistry
-        The reference registry with ``n_cells`` of the new data.
+        The reference registry with ``n_cells`` of the new data, minified or not as the
+        new data are (a model saved on minified data reads data with counts, and back).
     """
     check_var_names(var_names, adata)
     registry = AnnDataRegistry.from_dict(reference.to_dict())
-    for data_field in reference.fields:
-        data_field.check(adata, registry)
+    StoredPosteriorField(minified_stem).register(adata, registry)
+    for data_field in registry.fields:
+        if not isinstance(data_field, StoredPosteriorField):
+            data_field.check(adata, registry)
     if store:
         adata.uns[REGISTRY_UNS_KEY] = registry.to_dict()
     return registry

@@ -40,6 +40,19 @@ Minibatch = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
 #: that argument (:func:`call_arguments`).
 NONZERO_FIELD = "x_nonzero"
 
+#: Minibatch fields of minified data (:mod:`pyrovi.data.minified`): the stored mean and
+#: variance of each cell's posterior of ``z``, which the sampling core of
+#: :mod:`pyrovi.posterior` draws ``z`` from in place of the guide, and the cell's observed
+#: library size, which a model that reads minified data takes as ``library_size`` (its
+#: counts, all zero, no longer give it).
+QZ_LOC_FIELD = "qz_loc"
+QZ_VAR_FIELD = "qz_var"
+LIBRARY_SIZE_FIELD = "library_size"
+
+#: Fields that reach only the callables taking them (:func:`call_arguments`): the
+#: non-zero positions (a speed hint) and the stored posterior (read by the sampling core,
+#: never by a model or guide).
+OPTIONAL_FIELDS = (NONZERO_FIELD, QZ_LOC_FIELD, QZ_VAR_FIELD)
 
 
 def _shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -371,11 +384,12 @@ def _takes_argument(function, name: str) -> bool:
 
 
 def call_arguments(batch: dict, *functions) -> dict:
-    """``batch`` without :data:`NONZERO_FIELD` unless every one of ``functions`` takes it.
+    """``batch`` without the :data:`OPTIONAL_FIELDS` that not every one of ``functions`` takes.
 
     The non-zero positions are an optional field: a model/guide pair written without an
     ``x_nonzero`` argument (or ``**kwargs``) gets the minibatch without it, and every
-    other field as before.
+    other field as before. The stored posterior of minified data (``qz_loc``, ``qz_var``)
+    is read by the sampling core and reaches no model or guide that does not name it.
 
     Parameters
     ----------
@@ -387,12 +401,13 @@ def call_arguments(batch: dict, *functions) -> dict:
     Returns
     -------
     dict
-        ``batch`` itself, or a copy without the field.
+        ``batch`` itself, or a copy without those fields.
     """
-    if NONZERO_FIELD not in batch or all(
-            _takes_argument(getattr(f, "__func__", f), NONZERO_FIELD) for f in functions):
+    dropped = [name for name in OPTIONAL_FIELDS if name in batch and not all(
+        _takes_argument(getattr(f, "__func__", f), name) for f in functions)]
+    if not dropped:
         return batch
-    return {name: value for name, value in batch.items() if name != NONZERO_FIELD}
+    return {name: value for name, value in batch.items() if name not in dropped}
 
 
 def as_cell_data(data, device: torch.device | str | None = None) -> CellData:

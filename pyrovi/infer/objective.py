@@ -19,7 +19,8 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from pyro.poutine import Trace
 
-from pyrovi.data.tensors import call_arguments
+from pyrovi.data.minified import needs_counts
+from pyrovi.data.tensors import QZ_LOC_FIELD, call_arguments
 
 ELBO_CLASSES = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -123,6 +124,16 @@ def trace_elbo_surrogate_loss(model_trace: Trace, guide_trace: Trace) -> torch.T
     return -surrogate
 
 
+def counts_arguments(batch: dict, model, guide) -> dict:
+    """:func:`~pyrovi.data.tensors.call_arguments` of a minibatch the ELBO scores, which
+    must hold counts: minified data (a stored posterior in place of the counts) are refused,
+    since the guide would read zeros and the model would score them."""
+    if QZ_LOC_FIELD in batch:
+        raise needs_counts("The ELBO (training, validation, get_elbo, "
+                           "get_reconstruction_error)")
+    return call_arguments(batch, model, guide)
+
+
 def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, CellTerms]:
     """Differentiable ELBO loss of one call, plus its per-cell terms.
 
@@ -141,7 +152,7 @@ def loss_and_terms(elbo: ELBO, model, guide, **kwargs) -> tuple[torch.Tensor, Ce
         :class:`CellTerms` from the same traces (averaged over particles).
     """
     n_cells = kwargs["x"].shape[0]
-    kwargs = call_arguments(kwargs, model, guide)
+    kwargs = counts_arguments(kwargs, model, guide)
     loss = 0.0
     reconstruction = 0.0
     kl = 0.0
@@ -172,7 +183,7 @@ def inference_mode(module):
 @torch.no_grad()
 def evaluate_terms(model, guide, **kwargs) -> CellTerms:
     """Per-cell terms of a single posterior sample, without gradients (for evaluation)."""
-    kwargs = call_arguments(kwargs, model, guide)
+    kwargs = counts_arguments(kwargs, model, guide)
     guide_trace = pyro.poutine.trace(guide).get_trace(**kwargs)
     model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(
         **kwargs

@@ -20,10 +20,10 @@ from pyrovi.criticism.card import model_card
 from pyrovi.data import AnnDataRegistry, CellData, CellTensors, build_cell_tensors, get_registry
 from pyrovi.data.indices import cell_positions
 from pyrovi.data.registry import check_registered_data, counts_matrix
-from pyrovi.models import outputs, persistence, training
+from pyrovi.models import minified, outputs, persistence, training
 
 
-class BaseModel(ABC):
+class BaseModel(minified.MinifiedDataMixin, ABC):
     """Shared user API of pyrovi models (not used directly).
 
     Implements :class:`pyrovi.criticism.TrainedModel`, the interface through which the
@@ -54,6 +54,7 @@ class BaseModel(ABC):
         check_registered_data(self.registry, adata)
         self.init_params = dict(init_params)
         self.module = self._build_module(adata, self.registry, **init_params)
+        minified.check_support(self, adata, self.registry)
         # Until training or loading changes them, the weights are the constructor's draw,
         # which train(seed=...) may redraw from its seed (see training.seed_initial_weights).
         self._initial_weights = training.weights_digest(self.module)
@@ -75,7 +76,6 @@ class BaseModel(ABC):
         params = ", ".join(f"{k}={v!r}" for k, v in self.init_params.items())
         state = "trained" if self.is_trained else "not trained"
         return f"{type(self).__name__}({params}) on {summary}; {state}"
-
 
     @property
     def var_names(self) -> pd.Index:

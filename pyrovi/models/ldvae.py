@@ -75,6 +75,9 @@ class LDVAE(BaseModel):
             prior_kwargs=prior_kwargs,
         )
 
+    #: Key stem of the stored posterior in minified data: ``obsm["ldvae_latent_qzm"]``...
+    _minified_stem = "ldvae"
+
     # scVI's setup, reference mapping and outputs, as functions shared with SCVI.
     setup_anndata = classmethod(scvi_family.setup_anndata)
     load_query_data = classmethod(scvi_family.load_query_data)

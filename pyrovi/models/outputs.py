@@ -7,6 +7,7 @@ the cells through ``model.cell_data`` and calls the model-agnostic estimators of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,12 +17,15 @@ import torch
 from pyrovi.data import build_cell_tensors, register_new_data
 from pyrovi.data.registry import check_registered_data
 from pyrovi.infer import evaluate_dataset
+from pyrovi.models.minified import check_support, require_counts
 from pyrovi.posterior import (
     differential_expression,
     latent_representation,
     marginal_log_likelihood,
     posterior_predictive,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def check_weights(module) -> None:
@@ -52,7 +56,10 @@ def registered_data(model, adata=None):
         return model.adata, model.registry
     adata = model.as_anndata(adata)
     # The registry stays with the model: the AnnData keeps its own set-up, if any.
-    return adata, register_new_data(model.registry, adata, model.var_names, store=False)
+    registry = register_new_data(model.registry, adata, model.var_names, store=False,
+                                 minified_stem=model._minified_stem)
+    check_support(model, adata, registry)
+    return adata, registry
 
 
 def latent(model, adata, indices, give_mean: bool, n_samples: int,
@@ -120,6 +127,15 @@ def model_differential_expression(model, adata, batch_size, batch_correction, ba
 
     data = build_cell_tensors(adata, registry, model.device)
     counts, feature_names = model._de_features(adata, registry)
+    if registry.is_minified:
+        # The stored posterior gives the expression draws; the summaries of the counts
+        # cannot be had, and saying so beats reporting the zeros that stand in for them.
+        counts = None
+        logger.warning(
+            "The data are minified (no counts): the raw-count columns of all_stats are left "
+            "out, and change mode's pseudocount estimate (pseudocounts=None), which needs "
+            "the counts to find unexpressed genes, falls back to no offset (1e-10); pass "
+            "pseudocounts= to choose one.")
     return differential_expression(
         model._normalized_expression_sampler(data, batch_size or 1024, **sampler_kwargs),
         counts,
@@ -131,6 +147,7 @@ def model_differential_expression(model, adata, batch_size, batch_correction, ba
 
 def elbo(model, adata, indices, batch_size, return_mean: bool) -> float | np.ndarray:
     """ELBO per cell (see ``BaseModel.get_elbo``)."""
+    require_counts(model, adata, "get_elbo")
     data, _, _ = model.cell_data(adata, indices)
     terms = evaluate_dataset(model.module, data, None, batch_size or 1024)
     values = -terms.negative_elbo.cpu().numpy()
@@ -139,6 +156,7 @@ def elbo(model, adata, indices, batch_size, return_mean: bool) -> float | np.nda
 
 def reconstruction_error(model, adata, indices, batch_size, return_mean: bool) -> dict:
     """``-log p(x | z)`` per cell (see ``BaseModel.get_reconstruction_error``)."""
+    require_counts(model, adata, "get_reconstruction_error")
     data, _, _ = model.cell_data(adata, indices)
     terms = evaluate_dataset(model.module, data, None, batch_size or 1024)
     loss = terms.reconstruction.cpu().numpy()
@@ -148,6 +166,7 @@ def reconstruction_error(model, adata, indices, batch_size, return_mean: bool) -
 def marginal_ll(model, adata, indices, n_mc_samples, batch_size,
                 return_mean: bool) -> float | np.ndarray:
     """Importance-sampled ``log p(x)`` per cell (see ``BaseModel.get_marginal_ll``)."""
+    require_counts(model, adata, "get_marginal_ll")
     data, _, _ = model.cell_data(adata, indices)
     values = marginal_log_likelihood(model.module, data, None, n_mc_samples, batch_size or 256)
     return float(values.mean()) if return_mean else values

@@ -181,7 +181,8 @@ def from_saved(cls, saved: dict, adata, device, custom_params: dict, where: str)
     init_params = restored_init_params(saved["init_params"], custom_params, cls.__name__)
     registry = AnnDataRegistry.from_dict(saved["registry"])
     adata = cls.as_anndata(adata)
-    registry = register_new_data(registry, adata, saved["var_names"], store=False)
+    registry = register_new_data(registry, adata, saved["var_names"], store=False,
+                                 minified_stem=cls._minified_stem)
     with registry_in_uns(adata, registry):
         model = cls(adata, **init_params)
     set_saved_state(model, saved)

@@ -95,6 +95,9 @@ class SCVI(BaseModel):
             prior_kwargs=prior_kwargs,
         )
 
+    #: Key stem of the stored posterior in minified data: ``obsm["scvi_latent_qzm"]``...
+    _minified_stem = "scvi"
+
     # Setup, reference mapping and outputs, shared with LDVAE (and TotalVI) as functions.
     setup_anndata = classmethod(scvi_family.setup_anndata)
     load_query_data = classmethod(scvi_family.load_query_data)

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pyrovi.data import AnnDataRegistry, CellTensors, standard_fields
+from pyrovi.data import AnnDataRegistry, CellTensors, StoredPosteriorField, standard_fields
 from pyrovi.data import setup_anndata as register_anndata
+from pyrovi.data.tensors import LIBRARY_SIZE_FIELD
 from pyrovi.models import outputs, transfer
 from pyrovi.modules import SCVIModule
 from pyrovi.posterior.core import PosteriorDraw, iterate_posterior
@@ -72,6 +73,13 @@ def setup_anndata(
     present); on error nothing in ``adata`` changes. The registry is stored in
     ``adata.uns["_pyrovi"]``.
 
+    Minified data (``adata.uns["_scvi_adata_minify_type"]``, written by ``minify_adata``
+    of pyrovi or scvi-tools) are read as well: their counts must be all zero and the
+    stored posterior complete and consistent (``obsm["<stem>_latent_qzm"]``,
+    ``obsm["<stem>_latent_qzv"]``, ``obs["observed_lib_size"]``, or scvi-tools' older
+    ``_<stem>_...`` keys; ``<stem>`` is ``scvi`` for SCVI, ``ldvae`` for LDVAE), else a
+    :class:`~pyrovi.data.SetupError` says what is missing.
+
     Parameters
     ----------
     adata
@@ -92,8 +100,9 @@ def setup_anndata(
     register_anndata(
         adata,
         model_name=cls.__name__,
-        fields=standard_fields(layer, batch_key, labels_key, size_factor_key,
-                               categorical_covariate_keys, continuous_covariate_keys),
+        fields=[*standard_fields(layer, batch_key, labels_key, size_factor_key,
+                                 categorical_covariate_keys, continuous_covariate_keys),
+                StoredPosteriorField(cls._minified_stem)],
         allow_non_integer=allow_non_integer,
         drop_empty_cells=drop_empty_cells,
     )
@@ -324,7 +333,8 @@ def generative_inputs(model, posterior, batch: dict, batch_index, code) -> dict:
     if "library" in posterior.nodes:
         log_library = posterior.nodes["library"]["value"]
     else:
-        log_library = model.module.observed_log_library(batch["x"], batch["size_factor"])
+        log_library = model.module.observed_log_library(batch["x"], batch["size_factor"],
+                                                        batch.get(LIBRARY_SIZE_FIELD))
     return {
         "z": posterior.nodes["z"]["value"],
         "log_library": log_library,

@@ -31,6 +31,7 @@ from pyrovi.infer import checkpoint as checkpoints
 from pyrovi.infer.distributed import local_device, setup_data_parallel
 from pyrovi.io.checkpoint_files import read_checkpoint, write_checkpoint
 from pyrovi.models import persistence
+from pyrovi.models.minified import require_counts
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ def train(
     kwargs: dict,
 ):
     """Fit ``model`` by SVI, or resume its checkpointed run (see ``BaseModel.train``)."""
+    require_counts(model, None, "train", fix=(
+        "Train on the data with their counts (a model built on them), or load this model "
+        "with them: type(model).load(folder, adata=adata_with_counts)."))
     if checkpoint_every is not None and checkpoint_dir is None and resume_from is None:
         raise ValueError("checkpoint_every needs checkpoint_dir= (where to write them).")
     if resume_from is not None and strategy != "single":

@@ -52,7 +52,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from pyrovi.data import AnnDataRegistry, SetupError
+from pyrovi.data import AnnDataRegistry, SetupError, is_minified
+from pyrovi.data.minified import needs_counts
 from pyrovi.data.multimodal import flatten_query, is_mudata
 from pyrovi.data.registry import REGISTRY_UNS_KEY, categories_of, register_new_data
 from pyrovi.infer import resolve_device
@@ -522,6 +523,11 @@ def load_query_data(
     -------
     The query model, not trained on the query.
     """
+    if is_minified(query_adata):
+        raise needs_counts(
+            "load_query_data (the query model trains on the query's counts)",
+            "Map the query with its raw counts; minified data can only be read by the "
+            "model that minified them.")
     reference = read_reference(cls, reference_model)
     if not reference.is_trained:
         logger.warning("The reference model is not trained; the query model starts from "

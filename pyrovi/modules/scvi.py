@@ -313,11 +313,25 @@ class SCVIModule(nn.Module):
         extra = [] if cat_covs is None else list(cat_covs.unbind(-1))
         return [batch_index, *extra]
 
-    def observed_log_library(self, x, size_factor=None) -> torch.Tensor:
-        """Observed log library size, shape ``(n_cells, 1)``."""
+    def observed_log_library(self, x, size_factor=None, library_size=None) -> torch.Tensor:
+        """Observed log library size, shape ``(n_cells, 1)``: of the size factor if given,
+        else of ``library_size`` (minified data, whose counts are gone), else of ``Σ x``."""
         if size_factor is not None:
             return size_factor.log().unsqueeze(-1)
+        if library_size is not None:
+            return library_size.log().unsqueeze(-1)
         return x.sum(-1, keepdim=True).log()
+
+    def minify_refusal(self) -> str | None:
+        """Why minified data cannot stand in for this module's counts (``None``: they can).
+
+        Minified data keep each cell's posterior of ``z`` and its observed library size,
+        which is the whole per-cell posterior only when the library size is observed.
+        """
+        if self.use_observed_lib_size:
+            return None
+        return ("its library size is latent (use_observed_lib_size=False), and minified data "
+                "store the posterior of z only, not that of the library size")
 
     def library_prior(self, batch_index) -> dist.Distribution:
         """Prior of the latent log library size: its batch's empirical log-normal."""
@@ -396,11 +410,13 @@ class SCVIModule(nn.Module):
     # -- the model/guide pair -------------------------------------------------------------
 
     def model(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, x_nonzero=None):
+              size_factor=None, x_nonzero=None, library_size=None):
         """Generative process p(x, z, l) for a minibatch of ``x.shape[0]`` cells.
 
         ``x_nonzero`` (:data:`pyrovi.data.NONZERO_FIELD`) are the non-zero positions of
         ``x`` when the loader knows them; they only speed up the likelihood.
+        ``library_size`` is each cell's observed library size when ``x`` does not hold
+        its counts (minified data, :mod:`pyrovi.data.minified`).
         """
         n_cells = x.shape[0]
         with cell_plate(n_cells):
@@ -408,7 +424,7 @@ class SCVIModule(nn.Module):
             z = pyro.sample("z", self.prior(n_cells))
             if self.use_observed_lib_size:
                 # l_n = log of the cell's total count (or given size factor), observed
-                log_library = self.observed_log_library(x, size_factor)
+                log_library = self.observed_log_library(x, size_factor, library_size)
             else:
                 # log l_n ~ N(mu_b, sigma_b^2): library size prior of the cell's batch
                 log_library = pyro.sample("library", self.library_prior(batch_index))
@@ -417,7 +433,7 @@ class SCVIModule(nn.Module):
             pyro.sample("x", self.likelihood(params, x_nonzero), obs=x)
 
     def guide(self, x, batch_index, labels=None, cat_covs=None, cont_covs=None,
-              size_factor=None, x_nonzero=None):
+              size_factor=None, x_nonzero=None, library_size=None):
         """Amortized posterior q(z, l | x) for a minibatch."""
         q = self.encode(x, batch_index, cat_covs, cont_covs)
         with cell_plate(x.shape[0]):

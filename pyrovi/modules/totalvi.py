@@ -119,6 +119,11 @@ class TOTALVIModule(SCVIModule):
     data_driven_tensors = (*SCVIModule.data_driven_tensors, "background_prior_mean",
                            "background_prior_log_scale", "protein_batch_mask")
 
+    def minify_refusal(self) -> str | None:
+        """Minified data never stand in for TotalVI's counts (see the return value)."""
+        return ("its posterior has a per-cell latent besides z, the protein background, "
+                "which minified data do not store")
+
     def __init__(
         self,
         n_input: int,

@@ -17,6 +17,13 @@ cells), draws from the amortized posterior with the guide, replays the model on 
 (optionally with its observed sites sampled instead of conditioned — the posterior
 predictive, as :class:`pyro.infer.Predictive` does with an unconditioned model) and hands
 each draw to a callback. Nothing here knows which model it serves.
+
+Minified data (:mod:`pyrovi.data.minified`) carry each cell's stored posterior of ``z``
+instead of its counts. For them :func:`guide_trace` draws ``z`` from that stored
+``Normal(qz_loc, sqrt(qz_var))`` instead of running the guide, so that every output built
+on this loop reads the stored posterior with no case of its own; the model, replayed on
+the draw, takes the stored library size as ``library_size``. What conditions the model on
+the observed counts (log-likelihoods, importance weights) refuses such data.
 """
 
 from __future__ import annotations
@@ -26,13 +33,22 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from pyrovi.data.indices import cell_positions
-from pyrovi.data.tensors import CellTensors, as_cell_data, call_arguments
+from pyrovi.data.minified import needs_counts
+from pyrovi.data.tensors import (
+    QZ_LOC_FIELD,
+    QZ_VAR_FIELD,
+    CellTensors,
+    as_cell_data,
+    call_arguments,
+)
 from pyrovi.infer.objective import cell_terms, inference_mode
 from pyrovi.nn.encoder import identity
 
@@ -58,8 +74,32 @@ class PosteriorDraw(NamedTuple):
     model: poutine.Trace | None
 
 
+def stored_posterior_guide(qz_loc: torch.Tensor, qz_var: torch.Tensor,
+                           plate: str = DEFAULT_CELL_PLATE) -> None:
+    """The guide of minified data: ``z_n ~ Normal(qz_loc_n, sqrt(qz_var_n))``, as stored.
+
+    Parameters
+    ----------
+    qz_loc, qz_var
+        ``(n_cells, n_latent)`` stored posterior means and variances of ``z``.
+    plate
+        Name of the model's plate over cells.
+    """
+    with pyro.plate(plate, qz_loc.shape[0]):
+        pyro.sample("z", dist.Normal(qz_loc, qz_var.sqrt()).to_event(1))
+
+
 def guide_trace(module, batch: dict) -> poutine.Trace:
-    """One draw from the amortized posterior, as a Pyro trace."""
+    """One draw from the amortized posterior, as a Pyro trace.
+
+    For minified data (a minibatch with a stored posterior) the draw is from the stored
+    posterior (:func:`stored_posterior_guide`) instead of the guide, whose input, the
+    counts, is gone.
+    """
+    if QZ_LOC_FIELD in batch:
+        plate = getattr(module, "cell_plate", DEFAULT_CELL_PLATE)
+        return poutine.trace(stored_posterior_guide).get_trace(
+            batch[QZ_LOC_FIELD], batch[QZ_VAR_FIELD], plate)
     return poutine.trace(module.guide).get_trace(**call_arguments(batch, module.guide))
 
 
@@ -142,6 +182,9 @@ def iterate_posterior(
         for _, batch in tqdm(data.iter_minibatches(indices, batch_size),
                              total=math.ceil(n_cells / batch_size),
                              disable=not progress_bar, desc="posterior"):
+            if run_model and not predictive and QZ_LOC_FIELD in batch:
+                raise needs_counts("Scoring the observed counts under the model "
+                                   "(log-likelihood, ELBO, marginal likelihood)")
             draws: dict = {}
             for _ in range(n_samples):
                 guide = guide_trace(module, batch)
@@ -316,6 +359,43 @@ def latent_representation(
     draws = iterate_posterior(module, data, sample, n_samples, indices, batch_size)[site]
     draws = draws.cpu().numpy()
     return draws[0] if n_samples == 1 else draws
+
+
+def latent_posterior_parameters(
+    module,
+    data,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1024,
+    site: str = "z",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each cell's posterior of ``site`` (before any transform).
+
+    What minified data store (:mod:`pyrovi.data.minified`); the guide's distribution at
+    ``site`` must have a mean and a variance (a Normal does).
+
+    Parameters
+    ----------
+    module
+        The model/guide pair.
+    data, indices
+        Cells to encode.
+    batch_size
+        Cells per forward pass.
+    site
+        Latent site of the guide.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(n_cells, n_latent)`` means and variances, float32.
+    """
+
+    def moments(draw: PosteriorDraw) -> dict[str, torch.Tensor]:
+        q = draw.guide.nodes[site]["fn"]
+        return {"loc": q.mean, "var": q.variance}
+
+    values = iterate_posterior(module, data, moments, 1, indices, batch_size, reduce="mean")
+    return values["loc"].cpu().numpy(), values["var"].cpu().numpy()
 
 
 def posterior_predictive(

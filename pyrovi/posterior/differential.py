@@ -502,7 +502,8 @@ def differential_expression(
     See :meth:`pyrovi.models.BaseModel.differential_expression` for the user-facing
     description of the arguments; this function only needs the model's ``sampler``, the
     observed ``counts`` (for ``all_stats`` and the pseudocount estimate), ``obs`` (for the
-    groups) and the ``feature_names``.
+    groups) and the ``feature_names``. ``counts=None`` (minified data) leaves the raw-count
+    columns out and estimates the pseudocount with no gene known to be unexpressed.
 
     Returns
     -------
@@ -516,7 +517,9 @@ def differential_expression(
     comparisons = plan_comparisons(obs, groupby, group1, group2, idx1, idx2)
     estimate_offset = mode == "change" and pseudocounts is None
     streamed = None
-    if is_on_disk(counts):
+    if counts is None:
+        all_stats = False
+    elif is_on_disk(counts):
         # Counts left on disk: every comparison's summaries in one pass over the file.
         if all_stats or estimate_offset:
             streamed = streamed_raw_counts_properties(
@@ -533,13 +536,15 @@ def differential_expression(
         raw = {}
         if streamed is not None:
             raw = streamed[i]
-        elif all_stats or estimate_offset:
+        elif counts is not None and (all_stats or estimate_offset):
             raw = raw_counts_properties(counts, comparison.cells1, comparison.cells2, totals)
         offset = 0.0 if mode == "vanilla" else pseudocounts
         if estimate_offset:
-            offset = estimate_pseudocounts(scale1, scale2,
-                                           raw["raw_mean1"] < threshold_counts,
-                                           raw["raw_mean2"] < threshold_counts)
+            # Without counts no gene is known to be unexpressed.
+            none = np.zeros(scale1.shape[1], dtype=bool)
+            offset = estimate_pseudocounts(
+                scale1, scale2, raw["raw_mean1"] < threshold_counts if raw else none,
+                raw["raw_mean2"] < threshold_counts if raw else none)
         result = bayes_factors(scale1, scale2, mode, delta, offset, test_mode)
         # Group means over all draws, not only the paired ones.
         result["scale1"], result["scale2"] = first.scale.mean(0), second.scale.mean(0)
