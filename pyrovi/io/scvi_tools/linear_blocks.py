@@ -58,7 +58,8 @@ def _column_blocks(linear: CovariateLinear, first: bool) -> list[tuple[str, int]
 
 
 def fc_layers_from_scvi_tools(state: dict, prefix: str, fc: FCLayers,
-                              batch_only: bool = False) -> dict:
+                              batch_only: bool = False,
+                              continuous_in_hidden_layers: bool = True) -> dict:
     """pyrovi state-dict entries of ``fc`` (keys relative to it) from scvi-tools' block.
 
     Parameters
@@ -72,6 +73,10 @@ def fc_layers_from_scvi_tools(state: dict, prefix: str, fc: FCLayers,
     batch_only
         scvi-tools' block reads only the first covariate (the batch), as its linear decoder
         does; pyrovi's tables of the other covariates are then zero.
+    continuous_in_hidden_layers
+        scvi-tools' block injects the continuous covariates into every layer it injects
+        categorical ones into (an ``FCLayers`` built with ``n_cont``). ``False`` for the
+        VAE's networks, which append them to the input of the first layer only.
 
     Returns
     -------
@@ -89,7 +94,7 @@ def fc_layers_from_scvi_tools(state: dict, prefix: str, fc: FCLayers,
     for i, layer in enumerate(fc.layers):
         linear: CovariateLinear = layer["linear"]
         key = f"{prefix}.fc_layers.Layer {i}.0"
-        blocks = _column_blocks(linear, first=i == 0)
+        blocks = _column_blocks(linear, first=i == 0 or continuous_in_hidden_layers)
         kept = [(name, width) for name, width in blocks if not batch_only or name in _BATCH_ONLY]
         weight = take(state, f"{key}.weight",
                       (linear.linear.out_features, sum(w for _, w in kept)))
@@ -115,7 +120,8 @@ def fc_layers_from_scvi_tools(state: dict, prefix: str, fc: FCLayers,
 
 
 def fc_layers_to_scvi_tools(fc: FCLayers, prefix: str, what: str = "this network",
-                            batch_only: bool = False) -> dict:
+                            batch_only: bool = False,
+                            continuous_in_hidden_layers: bool = True) -> dict:
     """scvi-tools' state-dict entries of the block ``prefix`` from the pyrovi block ``fc``.
 
     Parameters
@@ -129,6 +135,8 @@ def fc_layers_to_scvi_tools(fc: FCLayers, prefix: str, what: str = "this network
     batch_only
         Write only the batch's columns (scvi-tools' linear decoder reads no other
         covariate).
+    continuous_in_hidden_layers
+        As for :func:`fc_layers_from_scvi_tools`.
 
     Returns
     -------
@@ -143,7 +151,8 @@ def fc_layers_to_scvi_tools(fc: FCLayers, prefix: str, what: str = "this network
     out = {}
     for i, layer in enumerate(fc.layers):
         linear: CovariateLinear = layer["linear"]
-        blocks = [name for name, _ in _column_blocks(linear, first=i == 0)]
+        blocks = [name for name, _ in _column_blocks(
+            linear, first=i == 0 or continuous_in_hidden_layers)]
         kept = [name for name in blocks if not batch_only or name in _BATCH_ONLY]
         for name, parameter in linear.named_parameters():
             if name.endswith("weight") and name not in kept and parameter.any():

@@ -41,8 +41,8 @@ from pyrovi.nn import ExpressionDecoder, GaussianEncoder, LinearExpressionDecode
 
 
 def _encoder_from(state: dict, key: str, encoder: GaussianEncoder, name: str) -> dict:
-    out = prefixed(f"{name}.trunk", fc_layers_from_scvi_tools(state, f"{key}.encoder",
-                                                              encoder.trunk))
+    out = prefixed(f"{name}.trunk", fc_layers_from_scvi_tools(
+        state, f"{key}.encoder", encoder.trunk, continuous_in_hidden_layers=False))
     out.update(linear_from_scvi_tools(state, f"{key}.mean_encoder", encoder.loc, f"{name}.loc"))
     out.update(linear_from_scvi_tools(state, f"{key}.var_encoder", encoder.log_var,
                                       f"{name}.log_var"))
@@ -50,7 +50,8 @@ def _encoder_from(state: dict, key: str, encoder: GaussianEncoder, name: str) ->
 
 
 def _encoder_to(encoder: GaussianEncoder, key: str, what: str) -> dict:
-    out = fc_layers_to_scvi_tools(encoder.trunk, f"{key}.encoder", what)
+    out = fc_layers_to_scvi_tools(encoder.trunk, f"{key}.encoder", what,
+                                  continuous_in_hidden_layers=False)
     out.update(linear_to_scvi_tools(encoder.loc, f"{key}.mean_encoder"))
     out.update(linear_to_scvi_tools(encoder.log_var, f"{key}.var_encoder"))
     return out
@@ -107,7 +108,8 @@ def scvi_state_from_scvi_tools(state: dict, module: SCVIModule) -> dict:
         if kind == "fc":
             linear = isinstance(decoder, LinearExpressionDecoder)
             out.update(prefixed(f"decoder.{name}",
-                                fc_layers_from_scvi_tools(state, key, block, batch_only=linear)))
+                                fc_layers_from_scvi_tools(state, key, block, batch_only=linear,
+                                                          continuous_in_hidden_layers=False)))
         else:
             out.update(linear_from_scvi_tools(state, key, block, f"decoder.{name}"))
     log_theta = module.dispersion.log_theta
@@ -161,7 +163,8 @@ def scvi_state_to_scvi_tools(module: SCVIModule) -> dict:
         if kind == "fc":
             out.update(fc_layers_to_scvi_tools(
                 block, key, "the decoder",
-                batch_only=isinstance(decoder, LinearExpressionDecoder)))
+                batch_only=isinstance(decoder, LinearExpressionDecoder),
+                continuous_in_hidden_layers=False))
         else:
             out.update(linear_to_scvi_tools(block, key))
     if isinstance(decoder, LinearExpressionDecoder) and decoder.zi_head is None:
@@ -188,8 +191,8 @@ def _unused_block(fc, key: str, batch_only: bool = False) -> dict:
     """Entries of a block scvi-tools builds but never uses for this model: zeros (and the
     identity batch norm), a fixed value rather than random noise in the file."""
     out = {}
-    for name, value in fc_layers_to_scvi_tools(fc, key, "an unused block",
-                                                          batch_only).items():
+    for name, value in fc_layers_to_scvi_tools(fc, key, "an unused block", batch_only,
+                                               continuous_in_hidden_layers=False).items():
         fill = 1.0 if name.endswith(("running_var", ".1.weight")) else 0.0
         out[name] = torch.full_like(value, fill) if value.dtype.is_floating_point else \
             torch.zeros_like(value)
