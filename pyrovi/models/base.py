@@ -20,7 +20,7 @@ from pyrovi.criticism.card import model_card
 from pyrovi.data import AnnDataRegistry, CellData, CellTensors, build_cell_tensors, get_registry
 from pyrovi.data.indices import cell_positions
 from pyrovi.data.registry import check_registered_data, counts_matrix
-from pyrovi.models import minified, outputs, persistence, training
+from pyrovi.models import interop, minified, outputs, persistence, training
 
 
 class BaseModel(minified.MinifiedDataMixin, ABC):
@@ -534,6 +534,7 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
         """
         return model_card(self, path, **kwargs)
 
+    to_scvi_tools = interop.to_scvi_tools  # a folder scvi-tools' load reads
 
     def save(
         self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False

@@ -20,13 +20,7 @@ from pyrovi.data import AnnDataRegistry, register_new_data
 from pyrovi.infer import resolve_device
 from pyrovi.io.model_classes import model_class
 from pyrovi.io.scvi_tools import ScviToolsFolder
-from pyrovi.io.scvi_tools.arguments import (
-    CORRESPONDENCES,
-    arguments_from_scvi_tools,
-    arguments_to_scvi_tools,
-)
-from pyrovi.io.scvi_tools.registry import registry_from_scvi_tools, registry_to_scvi_tools
-from pyrovi.io.scvi_tools.scvi_weights import scvi_state_from_scvi_tools, scvi_state_to_scvi_tools
+from pyrovi.io.scvi_tools.kinds import kind_of_pyrovi, kind_of_scvi_tools
 from pyrovi.models.persistence import registry_in_uns
 
 logger = logging.getLogger(__name__)
@@ -77,24 +71,23 @@ def from_scvi_tools(path: str | os.PathLike, adata=None, device: str = "cpu",
     >>> adata.obsm["X_scVI"] = model.get_latent_representation()  # doctest: +SKIP
     """
     folder = ScviToolsFolder(path, prefix=prefix)
-    correspondence = CORRESPONDENCES.get(folder.model_name)
-    if correspondence is None:
-        raise ValueError(
-            f"{os.fspath(folder.path)!r} holds an scvi-tools {folder.model_name or 'model'}; "
-            f"pyrovi imports {', '.join(sorted(CORRESPONDENCES))}."
-        )
-    cls = model_class(correspondence.pyrovi_name)
-    arguments = arguments_from_scvi_tools(correspondence, folder.init_params)
+    kind = kind_of_scvi_tools(folder.model_name, os.fspath(folder.path))
+    cls = model_class(kind.pyrovi_name)
+    arguments = kind.arguments_from(folder.init_params, folder.scvi_version)
     registry = AnnDataRegistry.from_dict(
-        registry_from_scvi_tools(folder.registry, cls.__name__, len(folder.var_names)))
+        kind.registry_from(folder.registry, cls.__name__, len(folder.var_names)))
     if adata is None:
         adata = folder.read_data()
-    adata = cls.as_anndata(adata)
-    registry = register_new_data(registry, adata, folder.var_names, store=False)
+    # A MuData is read through the model's own flat view, which needs the set-up in its uns
+    # while the model is built; the user's MuData gets its uns back as it was.
+    with registry_in_uns(adata, registry):
+        flat = cls.as_anndata(adata)
+    registry = register_new_data(registry, flat, folder.var_names, store=False,
+                                 minified_stem=cls._minified_stem)
     with registry_in_uns(adata, registry):
         model = cls(adata, **arguments)
     try:
-        model.module.load_state_dict(scvi_state_from_scvi_tools(folder.state_dict, model.module))
+        model.module.load_state_dict(kind.state_from(folder.state_dict, model.module))
     except ValueError as error:
         raise ValueError(f"{os.fspath(folder.path)!r}: {error}") from None
     model.is_trained = bool(folder.attr_dict.get("is_trained_", True))
@@ -105,15 +98,6 @@ def from_scvi_tools(path: str | os.PathLike, adata=None, device: str = "cpu",
     logger.info("Imported an scvi-tools %s (written by scvi-tools %s) as pyrovi.%s.",
                 folder.model_name, folder.scvi_version, cls.__name__)
     return model
-
-
-def _correspondence_of(model):
-    for correspondence in CORRESPONDENCES.values():
-        if correspondence.pyrovi_name == type(model).__name__:
-            return correspondence
-    names = sorted(c.pyrovi_name for c in CORRESPONDENCES.values())
-    raise ValueError(f"pyrovi writes {', '.join(names)} for scvi-tools; a "
-                     f"{type(model).__name__} has no scvi-tools counterpart.")
 
 
 def _history(model) -> dict:
@@ -148,16 +132,16 @@ def to_scvi_tools(model, path: str | os.PathLike, overwrite: bool = False,
     FileExistsError
         The folder holds a model and ``overwrite`` is false.
     """
-    correspondence = _correspondence_of(model)
-    init_params = arguments_to_scvi_tools(correspondence, model.init_params)
-    state = scvi_state_to_scvi_tools(model.module)
+    kind = kind_of_pyrovi(type(model).__name__)
+    init_params = kind.arguments_to(model.init_params)
+    state = kind.state_to(model.module)
     path = Path(path)
     model_file = path / "model.pt"
     if model_file.exists() and not overwrite:
         raise FileExistsError(f"{os.fspath(model_file)!r} exists; pass overwrite=True to "
                               "replace it.")
-    registry = registry_to_scvi_tools(model.registry, model.var_names,
-                                      correspondence.scvi_tools_name, WRITTEN_SCVI_VERSION)
+    registry = kind.registry_to(model.registry, model.var_names, kind.scvi_tools_name,
+                                WRITTEN_SCVI_VERSION)
 
     def indices(values) -> np.ndarray:
         return np.asarray([] if values is None else values, dtype=np.int64)
@@ -181,7 +165,7 @@ def to_scvi_tools(model, path: str | os.PathLike, overwrite: bool = False,
     if save_anndata:
         model.adata.write_h5ad(path / "adata.h5ad")
     logger.info("Wrote %s for scvi-tools' %s to %s.", type(model).__name__,
-                correspondence.scvi_tools_name, os.fspath(path))
+                kind.scvi_tools_name, os.fspath(path))
 
 
 __all__ = ["from_scvi_tools", "to_scvi_tools"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry
 from pyrovi.io.model_classes import register_model_class
-from pyrovi.models import interop, outputs, scvi_family
+from pyrovi.models import outputs, scvi_family
 from pyrovi.models.base import BaseModel
 from pyrovi.nn import LinearExpressionDecoder
 from pyrovi.posterior.loadings import varimax
@@ -86,7 +86,6 @@ class LDVAE(BaseModel):
     get_likelihood_parameters = scvi_family.get_likelihood_parameters
     _generative_inputs = scvi_family.generative_inputs
     _normalized_expression_sampler = scvi_family.rho_sampler
-    to_scvi_tools = interop.to_scvi_tools
 
     def _build_module(self, adata, registry: AnnDataRegistry, use_batch_norm=True, bias=False,
                       **params):

@@ -8,7 +8,7 @@ from torch import nn
 
 from pyrovi.data import AnnDataRegistry
 from pyrovi.io.model_classes import register_model_class
-from pyrovi.models import interop, scvi_family
+from pyrovi.models import scvi_family
 from pyrovi.models.base import BaseModel
 from pyrovi.models.scvi_family import library_size_priors
 from pyrovi.modules import SCVIModule
@@ -106,7 +106,6 @@ class SCVI(BaseModel):
     get_likelihood_parameters = scvi_family.get_likelihood_parameters
     _generative_inputs = scvi_family.generative_inputs
     _normalized_expression_sampler = scvi_family.rho_sampler
-    to_scvi_tools = interop.to_scvi_tools
 
     def _build_module(self, adata, registry: AnnDataRegistry, **params) -> SCVIModule:
         return scvi_family.build_scvi_module(adata, registry, **params)

@@ -318,3 +318,108 @@ def test_a_scvi_tools_folder_maps_a_query_and_is_criticised(version, tmp_path):
     assert np.isfinite(check.calibration_error().to_numpy(dtype=float)).all()
     idata = pyrovi.criticism.to_arviz(reference, n_samples=2)
     assert idata["posterior_predictive"]["x"].shape[-2:] == (reference.adata.n_obs, 150)
+
+
+#: reference.npz array → pyrovi TotalVI output (see tests/io/test_scvi_tools_totalvi.py).
+TOTALVI_OUTPUTS = {"latent_mean": "z_loc", "px_scale": "rho", "px_rate": "mu", "px_r": "theta",
+                   "py_back_alpha": "background_loc", "py_back_beta": "background_scale",
+                   "py_rate_back": "background", "py_rate_fore": "foreground",
+                   "py_mixing": "mixing_logits", "py_r": "protein_theta",
+                   "per_batch_efficiency": "protein_efficiency"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_scvi_tools_totalvi_folders_give_scvi_tools_outputs(version, tmp_path):
+    from tests.io.test_scvi_tools_totalvi import pyrovi_outputs
+
+    folder = FIXTURES / version / "totalvi"
+    expected = _reference(folder)
+    model = pyrovi.from_scvi_tools(folder)
+    assert type(model) is pyrovi.TOTALVI
+    assert model.init_params["network_layout"] == "scvi-tools"
+    _close(model.get_latent_representation(), expected["latent_mean"])
+    data, _, _ = model.cell_data()
+    batch = data.minibatch(torch.arange(model.adata.n_obs))
+    cells = {"x": batch["x"], "y": batch["y"], "batch": batch["batch_index"],
+             "cat": batch.get("cat_covs"), "cont": batch.get("cont_covs")}
+    with torch.no_grad():
+        out = pyrovi_outputs(model.module, cells, set(TOTALVI_OUTPUTS.values()))
+    for theirs, ours in TOTALVI_OUTPUTS.items():
+        value = out[ours].expand(expected[theirs].shape) if out[ours].dim() else out[ours]
+        _close(value, expected[theirs])
+    model.to_scvi_tools(tmp_path, save_anndata=True)
+    again = pyrovi.from_scvi_tools(tmp_path)
+    _close(again.get_latent_representation(), expected["latent_mean"])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_minified_scvi_tools_folders_give_outputs_from_the_stored_posterior(version):
+    folder = FIXTURES / version / "scvi_minified"
+    expected = _reference(folder)
+    model = pyrovi.from_scvi_tools(folder)
+    assert model.minified_data_type == "latent_posterior_parameters"
+    _close(model.get_latent_representation(), expected["latent_mean"])
+    assert model.get_normalized_expression(n_samples=2).shape == (100, 150)
+    de = model.differential_expression(groupby="bulk_labels", group1="CD14+ Monocyte")
+    assert len(de) == 150
+    assert model.posterior_predictive_sample(n_samples=2).shape == (100, 150, 2)
+    with pytest.raises(pyrovi.data.MinifiedDataError, match="counts"):
+        model.get_elbo()
+
+
+def test_a_scvi_hub_download_loads(tmp_path):
+    """A folder as scvi-hub downloads it: model.pt, adata.h5ad, metadata and card."""
+    import json
+
+    folder = tmp_path / "hub_model"
+    shutil.copytree(FIXTURES / "1.5.1" / "scvi_batch_latent_library", folder)
+    metadata = {"scvi_version": "1.5.1", "anndata_version": "0.12.0",
+                "model_cls_name": "SCVI", "training_data_url": None,
+                "model_parent_module": "scvi.model"}
+    (folder / "_scvi_required_metadata.json").write_text(json.dumps(metadata))
+    (folder / "README.md").write_text("---\nlibrary_name: scvi-tools\n---\n# A hub card\n")
+    assert ScviToolsFolder(folder).hub_metadata["model_cls_name"] == "SCVI"
+    model = pyrovi.from_scvi_tools(folder)
+    _close(model.get_latent_representation(), _reference(folder)["latent_mean"])
+    (folder / "_scvi_required_metadata.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        pyrovi.from_scvi_tools(folder)
+
+
+def test_live_scvi_tools_totalvi_from_mudata_and_back(tmp_path):
+    scvi = pytest.importorskip("scvi")
+    import anndata
+    import mudata
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rna = anndata.AnnData(rng.poisson(2, (120, 40)).astype(np.float32))
+    rna.var_names = [f"g{i}" for i in range(40)]
+    rna.obs_names = [f"c{i}" for i in range(120)]
+    rna.obs["batch"] = np.array(["x", "y"])[np.arange(120) % 2]
+    protein = anndata.AnnData(rng.poisson(20, (120, 6)).astype(np.float32))
+    protein.var_names = [f"p{i}" for i in range(6)]
+    protein.obs_names = rna.obs_names
+    mdata = mudata.MuData({"rna": rna, "protein": protein})
+    scvi.model.TOTALVI.setup_mudata(mdata, batch_key="batch", modalities={
+        "rna_layer": "rna", "protein_layer": "protein", "batch_key": "rna"})
+    reference = scvi.model.TOTALVI(mdata, n_latent=4, n_hidden=16)
+    reference.train(max_epochs=2, enable_progress_bar=False)
+    reference.save(tmp_path / "mudata_model")
+    own = mudata.MuData({"rna": rna.copy(), "protein": protein.copy()})
+    model = pyrovi.from_scvi_tools(tmp_path / "mudata_model", adata=own)
+    _close(model.get_latent_representation(), reference.get_latent_representation())
+    assert dict(own.uns) == {}  # the user's MuData is not set up by importing
+
+    adata = rna.copy()
+    adata.obsm["proteins"] = pd.DataFrame(protein.X, index=adata.obs_names,
+                                          columns=protein.var_names)
+    pyrovi.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="proteins",
+                                 batch_key="batch")
+    ours = pyrovi.TOTALVI(adata, n_latent=4, n_hidden=16, network_layout="scvi-tools")
+    ours.train(max_epochs=2, progress_bar=False, seed=0)
+    ours.to_scvi_tools(tmp_path / "for_scvi_tools")
+    theirs = scvi.model.TOTALVI.load(tmp_path / "for_scvi_tools", adata=adata.copy())
+    _close(theirs.get_latent_representation(), ours.get_latent_representation())
+    with pytest.raises(ValueError, match="network_layout='scvi-tools'"):
+        pyrovi.TOTALVI(adata, n_latent=4, n_hidden=16).to_scvi_tools(tmp_path / "pyrovi_layout")

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from pyrovi.io.scvi_tools.linear_blocks import fc_layers_from_scvi_tools, fc_layers_to_scvi_tools
-from pyrovi.io.scvi_tools.totalvi_weights import (
+from pyrovi.io.scvi_tools.totalvi import (
     totalvi_init_params_from_scvi_tools,
     totalvi_init_params_to_scvi_tools,
     totalvi_state_from_scvi_tools,

@@ -104,6 +104,7 @@ def flat_init_params(init_params: dict) -> dict:
     flat = {k: v for k, v in init_params.items() if not isinstance(v, dict)}
     for values in (v for v in init_params.values() if isinstance(v, dict)):
         flat.update(values)
+    flat.pop("use_cuda", None)
     return flat
 
 

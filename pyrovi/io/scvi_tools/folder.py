@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pyrovi.io.bundle import MANIFEST, ModelFileError
 from pyrovi.io.scvi_tools.safe_pickle import read_model_pt
@@ -76,11 +77,24 @@ class ScviToolsFolder:
                 "written by scvi-tools 1.x (older files must be re-saved with scvi-tools 1.x)."
             )
         self.attr_dict = attr_dict
-        self.state_dict = dict(content["model_state_dict"])
-        self.var_names = [str(v) for v in np.asarray(content.get("var_names", []),
-                                                     dtype=object).ravel()]
+        # scvi-tools adds a non-tensor "pyro_param_store" entry; only tensors are weights.
+        self.state_dict = {k: v for k, v in dict(content["model_state_dict"]).items()
+                           if isinstance(v, torch.Tensor)}
         self.model_name = str(attr_dict["registry_"].get("model_name", ""))
+        self.var_names = self._genes(content.get("var_names", []))
         self.hub_metadata = self._read_hub_metadata()
+
+    def _genes(self, var_names) -> list[str]:
+        """The genes: ``var_names``, or for a model set up from a MuData (one array per
+        modality) the names of the modality its ``rna_layer`` was read from."""
+        if isinstance(var_names, dict):
+            modalities = dict(self.registry.get("setup_args", {}).get("modalities") or {})
+            rna = modalities.get("rna_layer", "rna")
+            if rna not in var_names:
+                raise ModelFileError(f"{os.fspath(self.path)!r}: model.pt names the features "
+                                     f"of {sorted(var_names)}, not of the RNA modality {rna!r}.")
+            var_names = var_names[rna]
+        return [str(v) for v in np.asarray(var_names, dtype=object).ravel()]
 
     def _not_a_model_message(self, path: Path) -> str:
         where = os.fspath(path)

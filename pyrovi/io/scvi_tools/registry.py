@@ -19,7 +19,7 @@ SHARED_SETUP_ARGS = ("layer", "batch_key", "labels_key", "size_factor_key",
 _DEFAULT_COLUMNS = {"batch": "_scvi_batch", "labels": "_scvi_labels"}
 
 
-def _strings(values) -> list[str]:
+def strings(values) -> list[str]:
     return [str(v) for v in np.asarray(values, dtype=object).ravel()]
 
 
@@ -27,7 +27,8 @@ def _state(fields: dict, name: str) -> dict:
     return dict((fields.get(name) or {}).get("state_registry") or {})
 
 
-def registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int) -> dict:
+def registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int,
+                             other_setup_args: tuple[str, ...] = ()) -> dict:
     """pyrovi's registry (:meth:`AnnDataRegistry.to_dict` form) from scvi-tools' ``registry_``.
 
     Parameters
@@ -38,6 +39,8 @@ def registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int) -> di
         The pyrovi class the registry is for.
     n_vars
         Number of genes.
+    other_setup_args
+        Set-up arguments the caller maps itself (a model's own fields), not refused here.
 
     Returns
     -------
@@ -53,7 +56,8 @@ def registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int) -> di
     if not isinstance(setup, dict):
         raise ValueError("The scvi-tools registry has no setup_args; the file was not written "
                          "by scvi-tools 1.x.")
-    unknown = sorted(k for k, v in setup.items() if k not in SHARED_SETUP_ARGS and v)
+    unknown = sorted(k for k, v in setup.items()
+                     if k not in SHARED_SETUP_ARGS + other_setup_args and v)
     if unknown:
         raise ValueError(
             f"The scvi-tools model was set up with {unknown}, which pyrovi's "
@@ -68,10 +72,10 @@ def registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int) -> di
         key = setup.get(key_name)
         setattr(record, key_name, key)
         if key is not None:
-            setattr(record, categories, _strings(_state(fields, field)["categorical_mapping"]))
+            setattr(record, categories, strings(_state(fields, field)["categorical_mapping"]))
     record.categorical_covariate_keys = list(setup.get("categorical_covariate_keys") or [])
     mappings = _state(fields, "extra_categorical_covs").get("mappings", {})
-    record.covariate_categories = {key: _strings(mappings[key])
+    record.covariate_categories = {key: strings(mappings[key])
                                    for key in record.categorical_covariate_keys}
     record.continuous_covariate_keys = list(setup.get("continuous_covariate_keys") or [])
     record.n_cells = int(_state(fields, "X").get("n_obs", 0))

@@ -31,10 +31,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from pyrovi.data import AnnDataRegistry
+from pyrovi.data.multimodal import DEFAULT_MODALITIES, MUDATA_PROTEIN_KEY, resolve_modalities
+from pyrovi.io.scvi_tools.arguments import flat_init_params
 from pyrovi.io.scvi_tools.linear_blocks import fc_layers_from_scvi_tools, fc_layers_to_scvi_tools
+from pyrovi.io.scvi_tools.registry import registry_from_scvi_tools, registry_to_scvi_tools, strings
 from pyrovi.modules import TOTALVIModule
 from pyrovi.nn.fc import FCLayers
 from pyrovi.priors import NormalPrior
@@ -235,21 +240,6 @@ _MODULE_ARGUMENTS = {
 _BACKGROUND_ACTIVATIONS = ("softplus", "exp")
 
 
-def _flat_arguments(init_params: dict) -> dict:
-    """scvi-tools' recorded constructor arguments as one dict (as its ``load`` reads them:
-    ``{"non_kwargs": {...}, "kwargs": {"model_kwargs": {...}}}``, or the older flat form)."""
-    if "non_kwargs" in init_params:
-        arguments = dict(init_params["non_kwargs"])
-        nested = init_params.get("kwargs") or {}
-    else:
-        arguments = {k: v for k, v in init_params.items() if not isinstance(v, dict)}
-        nested = {k: v for k, v in init_params.items() if isinstance(v, dict)}
-        arguments.pop("use_cuda", None)
-    for group in nested.values():
-        arguments.update(group)
-    return arguments
-
-
 def _before_1_2(version: str | None) -> bool:
     """Whether ``version`` (scvi-tools' version that saved a model) is older than 1.2."""
     if version is None:
@@ -300,7 +290,7 @@ def totalvi_init_params_from_scvi_tools(init_params: dict, *, scvi_version: str 
     ... )["n_hidden"]
     64
     """
-    arguments = _flat_arguments(init_params)
+    arguments = flat_init_params(init_params)
     result = {name: arguments.pop(name, default)
               for name, default in {**_MODEL_ARGUMENTS, **_MODULE_ARGUMENTS}.items()}
     result["network_layout"] = "scvi-tools"
@@ -385,3 +375,111 @@ def totalvi_init_params_to_scvi_tools(init_params: dict) -> dict:
         raise ValueError(f"pyrovi's option {name}={params[name]!r} has no scvi-tools "
                          "counterpart.")
     return {"non_kwargs": non_kwargs, "kwargs": {"model_kwargs": model_kwargs}}
+
+
+# -- the set-up: scvi-tools' protein field ↔ pyrovi's ProteinField --------------------------
+
+#: scvi-tools TOTALVI set-up arguments beyond scVI's that pyrovi maps (``panel_key`` only
+#: when unset: pyrovi has no protein panels).
+_TOTALVI_SETUP_ARGS = ("protein_expression_obsm_key", "protein_names_uns_key", "panel_key",
+                       "rna_layer", "protein_layer", "modalities")
+
+
+def totalvi_registry_from_scvi_tools(registry: dict, model_name: str, n_vars: int) -> dict:
+    """pyrovi's TOTALVI registry from an scvi-tools TOTALVI ``registry_``.
+
+    Adds to :func:`~pyrovi.io.scvi_tools.registry.registry_from_scvi_tools` the proteins'
+    obsm key, names and per-batch measured mask, and for a model set up with
+    ``setup_mudata`` the modality of each argument.
+
+    Parameters
+    ----------
+    registry
+        ``attr_dict["registry_"]`` of an scvi-tools TOTALVI.
+    model_name
+        ``"TOTALVI"``.
+    n_vars
+        Number of genes.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        A protein panel (``panel_key``), which pyrovi's TOTALVI does not have.
+    """
+    setup = registry.get("setup_args") or {}
+    if setup.get("panel_key"):
+        raise ValueError(f"The scvi-tools TOTALVI was set up with panel_key="
+                         f"{setup['panel_key']!r}; pyrovi's TOTALVI has no protein panels.")
+    record = registry_from_scvi_tools(registry, model_name, n_vars, _TOTALVI_SETUP_ARGS)
+    proteins = dict((registry["field_registries"].get("proteins") or {})
+                    .get("state_registry") or {})
+    names = strings(proteins.get("column_names", []))
+    if not names:
+        raise ValueError("The scvi-tools TOTALVI registry names no proteins.")
+    measured = [[True] * len(names) for _ in record["batch_categories"]]
+    for code, row in dict(proteins.get("protein_batch_mask") or {}).items():
+        measured[int(code)] = [bool(v) for v in np.asarray(row).ravel()]
+    record.update(protein_names=names, protein_batch_mask=measured,
+                  protein_expression_obsm_key=setup.get("protein_expression_obsm_key")
+                  or MUDATA_PROTEIN_KEY)
+    if registry.get("setup_method_name") == "setup_mudata":
+        record["layer"] = None  # the flat view holds the RNA layer's counts in X
+        record["mudata_modalities"] = {
+            **resolve_modalities({k: v for k, v in dict(setup.get("modalities") or {}).items()
+                                  if k in DEFAULT_MODALITIES}),
+            "rna_layer_name": setup.get("rna_layer") or "",
+            "protein_layer_name": setup.get("protein_layer") or ""}
+    return record
+
+
+def totalvi_registry_to_scvi_tools(registry: AnnDataRegistry, var_names, model_name: str,
+                                   scvi_version: str) -> dict:
+    """scvi-tools' TOTALVI ``registry_`` for a pyrovi TOTALVI set up with ``setup_anndata``.
+
+    Parameters
+    ----------
+    registry
+        The pyrovi model's registry.
+    var_names
+        Its genes.
+    model_name
+        ``"TOTALVI"``.
+    scvi_version
+        Version of scvi-tools to name in the file.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        A model set up from a MuData or with labels (scvi-tools' ``TOTALVI.setup_anndata``
+        takes no ``labels_key``).
+    """
+    if registry.mudata_modalities:
+        raise ValueError(
+            "This TOTALVI was set up from a MuData; pyrovi writes scvi-tools' TOTALVI only for "
+            "AnnData set-ups. Set the model up with TOTALVI.setup_anndata (proteins in obsm).")
+    if registry.labels_key is not None:
+        raise ValueError("scvi-tools' TOTALVI.setup_anndata takes no labels_key; this TOTALVI "
+                         f"was set up with labels_key={registry.labels_key!r}.")
+    record = registry_to_scvi_tools(registry, var_names, model_name, scvi_version)
+    record["setup_args"].update(protein_expression_obsm_key=registry.protein_expression_obsm_key,
+                                protein_names_uns_key=None, panel_key=None)
+    names = list(registry.protein_names)
+    state = {"column_names": names}  # a list: scvi-tools compares it with a list
+    mask = np.asarray(registry.protein_batch_mask, dtype=bool)
+    if mask.size and not mask.all():
+        state["protein_batch_mask"] = {str(b): row for b, row in enumerate(mask)}
+    record["field_registries"]["proteins"] = {
+        "data_registry": {"attr_name": "obsm",
+                          "attr_key": registry.protein_expression_obsm_key},
+        "state_registry": state,
+        "summary_stats": {"n_proteins": len(names)},
+    }
+    return record
