@@ -159,8 +159,14 @@ def test_bad_folders_get_clear_errors(tmp_path, covariate_data):
     torch.save(content, other / "model.pt")
     with pytest.raises(ValueError, match="PEAKVI; pyrovi imports"):
         pyrovi.from_scvi_tools(other, adata=model.adata)
-    # an option of scvi-tools that pyrovi does not have
+    # weights of a network the arguments do not describe
     content["attr_dict"]["registry_"]["model_name"] = "SCVI"
+    content["model_state_dict"]["decoder.px_new_head.weight"] = torch.zeros(3, 3)
+    torch.save(content, other / "model.pt")
+    with pytest.raises(ValueError, match="no place for: \\['decoder.px_new_head.weight'\\]"):
+        pyrovi.from_scvi_tools(other, adata=model.adata)
+    del content["model_state_dict"]["decoder.px_new_head.weight"]
+    # an option of scvi-tools that pyrovi does not have
     content["attr_dict"]["init_params_"]["kwargs"]["kwargs"]["batch_representation"] = "embedding"
     torch.save(content, other / "model.pt")
     with pytest.raises(ValueError, match="batch_representation='embedding'"):

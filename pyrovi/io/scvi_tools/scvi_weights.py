@@ -25,6 +25,8 @@ documented initial value (they never enter scvi-tools' computations for such a m
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -132,6 +134,14 @@ def scvi_state_from_scvi_tools(state: dict, module: SCVIModule) -> dict:
     for name, value in module.state_dict().items():
         if name.startswith("prior.") and name not in out:
             out[name] = value.clone()
+    # Every scvi-tools tensor must have a place: an entry the architecture does not explain
+    # means a network pyrovi would silently leave out.
+    probe = copy.deepcopy(module)
+    probe.load_state_dict(out)
+    extra = sorted(set(state) - set(scvi_state_to_scvi_tools(probe)))
+    if extra:
+        raise ValueError(f"The scvi-tools weights hold entries this architecture has no place "
+                         f"for: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
     return out
 
 
