@@ -145,7 +145,9 @@ class TrainingPlan:
     n_epochs_kl_warmup, n_steps_kl_warmup
         KL warm-up length (steps take precedence when given).
     loss
-        ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO) or an ELBO instance.
+        ``"trace"`` (Trace_ELBO; TraceEnum_ELBO for a pair that declares
+        ``required_elbo = "enum"``), ``"meanfield"`` (TraceMeanField_ELBO), ``"enum"`` or an
+        ELBO instance (see :func:`~pyrovi.infer.make_elbo`).
     early_stopping, early_stopping_monitor, early_stopping_patience, early_stopping_min_delta
         Early stopping on a history column (lower is better).
     check_val_every_n_epoch
