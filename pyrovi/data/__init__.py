@@ -11,6 +11,11 @@ from pyrovi.data.fields import (
     SizeFactorField,
     standard_fields,
 )
+from pyrovi.data.labels import (
+    CLASSIFICATION_WEIGHT_FIELD,
+    LabelledEpochs,
+    LabelsWithUnlabeledField,
+)
 from pyrovi.data.loaders import build_cell_tensors
 from pyrovi.data.ondisk import OnDiskMatrix, is_on_disk, read_ondisk
 from pyrovi.data.proteins import (
@@ -41,6 +46,7 @@ from pyrovi.data.tensors import (
 from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
 
 __all__ = [
+    "CLASSIFICATION_WEIGHT_FIELD",
     "NONZERO_FIELD",
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
@@ -55,7 +61,9 @@ __all__ = [
     "CountMatrix",
     "CountsField",
     "DataField",
+    "LabelledEpochs",
     "LabelsField",
+    "LabelsWithUnlabeledField",
     "OnDiskCellData",
     "OnDiskMatrix",
     "ProteinField",
