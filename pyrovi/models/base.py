@@ -47,6 +47,9 @@ class BaseModel(ABC):
 
     #: Whether ``train(early_stopping=None)`` stops early (when there are validation cells).
     _early_stopping_default = False
+    #: The model's own ``train`` options (name: default), kept in ``train_params`` (so that
+    #: checkpoints resume with them) for :meth:`_training_data`.
+    _training_options: dict = {}
 
     def __init__(self, adata, **init_params):
         self.adata = adata
@@ -70,12 +73,16 @@ class BaseModel(ABC):
     def _build_module(self, adata, registry: AnnDataRegistry, **init_params):
         """Build the model/guide module from the registry (each model says how)."""
 
+    def _training_data(self, data: CellData) -> CellData:
+        """The data a training run reads, once its split and ``train_params`` are set
+        (``data`` itself; a model adds per-epoch fields by wrapping it)."""
+        return data
+
     def __repr__(self) -> str:
         summary = ", ".join(f"{k}={v}" for k, v in self.registry.summary().items())
         params = ", ".join(f"{k}={v!r}" for k, v in self.init_params.items())
         state = "trained" if self.is_trained else "not trained"
         return f"{type(self).__name__}({params}) on {summary}; {state}"
-
 
     @property
     def var_names(self) -> pd.Index:
@@ -171,7 +178,6 @@ class BaseModel(ABC):
         adata, registry = outputs.registered_data(self, adata)
         indices = cell_positions(indices, adata.n_obs)
         return build_cell_tensors(adata, registry, self.device, indices), indices, adata
-
 
     def train(
         self, max_epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3,
@@ -323,7 +329,6 @@ class BaseModel(ABC):
         >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
         return persistence.load_checkpoint(cls, path, adata, device, custom_params)
-
 
     def get_latent_representation(
         self, adata=None, indices: Sequence[int] | None = None, give_mean: bool = True,
@@ -509,7 +514,6 @@ class BaseModel(ABC):
         """
         return outputs.marginal_ll(self, adata, indices, n_mc_samples, batch_size, return_mean)
 
-
     def card(self, path=None, **kwargs) -> dict:
         """Write this model's card (Markdown and JSON) and return its content.
 
@@ -533,7 +537,6 @@ class BaseModel(ABC):
         >>> model.card("cards/my_scvi", description="scVI on my PBMCs")  # doctest: +SKIP
         """
         return model_card(self, path, **kwargs)
-
 
     def save(
         self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False
