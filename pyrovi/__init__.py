@@ -26,7 +26,7 @@ from pyrovi import (
 from pyrovi._settings import settings
 from pyrovi._version import __version__
 from pyrovi.io.zoo import load_pretrained
-from pyrovi.models import LDVAE, SCVI, TOTALVI
+from pyrovi.models import LDVAE, SCANVI, SCVI, TOTALVI
 from pyrovi.models.interop import from_scvi_tools
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -39,6 +39,7 @@ del _name
 
 __all__ = [
     "LDVAE",
+    "SCANVI",
     "SCVI",
     "TOTALVI",
     "__version__",

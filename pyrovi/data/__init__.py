@@ -11,6 +11,11 @@ from pyrovi.data.fields import (
     SizeFactorField,
     standard_fields,
 )
+from pyrovi.data.labels import (
+    CLASSIFICATION_WEIGHT_FIELD,
+    LabelledEpochs,
+    LabelsWithUnlabeledField,
+)
 from pyrovi.data.loaders import build_cell_tensors
 from pyrovi.data.minified import (
     MinifiedDataError,
@@ -47,6 +52,7 @@ from pyrovi.data.tensors import (
 from pyrovi.data.validation import CountDataError, cell_totals, validate_counts
 
 __all__ = [
+    "CLASSIFICATION_WEIGHT_FIELD",
     "NONZERO_FIELD",
     "REGISTRY_UNS_KEY",
     "AnnDataRegistry",
@@ -61,7 +67,9 @@ __all__ = [
     "CountMatrix",
     "CountsField",
     "DataField",
+    "LabelledEpochs",
     "LabelsField",
+    "LabelsWithUnlabeledField",
     "MinifiedDataError",
     "OnDiskCellData",
     "OnDiskMatrix",

@@ -129,15 +129,21 @@ class AnnDataRegistry:
 
     @property
     def fields(self) -> list[DataField]:
-        """The registered fields, as loaders read them (counts first, plug-ins last)."""
+        """The registered fields, as loaders read them (counts first, plug-ins last, except
+        those that replace a standard field, which take its place)."""
         found = standard_fields(self.layer, self.batch_key, self.labels_key,
                                 self.size_factor_key, self.categorical_covariate_keys,
                                 self.continuous_covariate_keys)
         found[1].categories = self.batch_categories
         found[2].categories = self.label_categories
         found[3].categories = self.covariate_categories
-        plugins = (kind.from_registry(self) for kind in DataField.plugins)
-        return found + [f for f in plugins if f is not None]
+        plugins = [f for f in (kind.from_registry(self) for kind in DataField.plugins)
+                   if f is not None]
+        # A plug-in field for a keyword a standard field provides takes its place (the
+        # labels of a semi-supervised model, which know their unlabelled category).
+        replacing = {f.key: f for f in plugins}
+        found = [replacing.pop(f.key, f) for f in found]
+        return found + list(replacing.values())
 
     def field(self, key: str) -> DataField | None:
         """The registered field providing minibatch keyword ``key``, or ``None``."""

@@ -9,7 +9,9 @@ effect handler that knows the two numbers of the inference, not of the model:
   ``pyro.plate(name, n_obs, subsample=...)``);
 - the KL warm-up weight: every latent (unobserved) site, in the model and in the guide, is
   scaled by ``kl_weight``, which weights the KL part of the ELBO; a weight of 0 masks them,
-  since Pyro's scales must be positive.
+  since Pyro's scales must be positive. A model that warms up only some of its latent
+  sites names them in its ``kl_warmup_sites`` attribute (scANVI: not its ``z``, as in
+  scvi-tools).
 
 So neither number appears in a model's signature, and a model file holds only its math.
 Models written for pyrovi 0.2 and earlier, which took ``n_obs`` and ``kl_weight`` and passed
@@ -40,6 +42,8 @@ class MinibatchScaling(Messenger):
         Weight of every latent (unobserved) site, in model and guide; 0 masks them.
     plate_name
         Name of the cell plate.
+    warmup_sites
+        The latent sites ``kl_weight`` applies to; ``None``: every latent site.
 
     Attributes
     ----------
@@ -62,17 +66,19 @@ class MinibatchScaling(Messenger):
     """
 
     def __init__(self, n_obs: int | None = None, kl_weight: float = 1.0,
-                 plate_name: str = CELL_PLATE):
+                 plate_name: str = CELL_PLATE, warmup_sites=None):
         super().__init__()
         self.n_obs = n_obs
         self.kl_weight = kl_weight
         self.plate_name = plate_name
+        self.warmup_sites = None if warmup_sites is None else frozenset(warmup_sites)
         self.saw_cell_plate = False
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample":
             return
-        if not msg["is_observed"]:
+        if not msg["is_observed"] and (self.warmup_sites is None
+                                       or msg["name"] in self.warmup_sites):
             # Applied before the dataset scale, as the contexts it replaces nested.
             if self.kl_weight == 0.0:
                 msg["mask"] = False if msg["mask"] is None else msg["mask"] & False

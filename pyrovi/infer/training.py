@@ -1,7 +1,8 @@
 """Stochastic variational inference for every pyrovi model.
 
 One loop serves all models: minibatches are index gathers on the device, the ELBO is
-Pyro's (``Trace_ELBO`` or ``TraceMeanField_ELBO``), scaled to the training set and weighted
+Pyro's (``Trace_ELBO`` or ``TraceMeanField_ELBO``; ``TraceEnum_ELBO`` for a pair that
+declares ``required_elbo = "enum"``), scaled to the training set and weighted
 for KL warm-up by the :class:`~pyrovi.infer.scaling.MinibatchScaling` handler around the
 model's cell plate, and after every epoch the validation ELBO is evaluated for the history and
 early stopping.
@@ -144,7 +145,9 @@ class TrainingPlan:
     n_epochs_kl_warmup, n_steps_kl_warmup
         KL warm-up length (steps take precedence when given).
     loss
-        ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO) or an ELBO instance.
+        ``"trace"`` (Trace_ELBO; TraceEnum_ELBO for a pair that declares
+        ``required_elbo = "enum"``), ``"meanfield"`` (TraceMeanField_ELBO), ``"enum"`` or an
+        ELBO instance (see :func:`~pyrovi.infer.make_elbo`).
     early_stopping, early_stopping_monitor, early_stopping_patience, early_stopping_min_delta
         Early stopping on a history column (lower is better).
     check_val_every_n_epoch
@@ -334,7 +337,7 @@ def train_svi(
     """
     data = as_cell_data(data)
     device = data.device
-    elbo = make_elbo(plan.loss)
+    elbo = make_elbo(plan.loss, module)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
     resume_state = resume_state or {}
@@ -384,7 +387,8 @@ def train_svi(
         disable=not plan.progress_bar or (parallel is not None and not parallel.is_main),
     )
     # The dataset size and the warm-up weight reach the model's sites through this handler.
-    scaling = MinibatchScaling(n_train, plate_name=getattr(module, "cell_plate", CELL_PLATE))
+    scaling = MinibatchScaling(n_train, plate_name=getattr(module, "cell_plate", CELL_PLATE),
+                               warmup_sites=getattr(module, "kl_warmup_sites", None))
     module.train()
     # retained_heap: the step's large temporaries reuse the previous step's pages.
     with pyro.validation_enabled(False), retained_heap():

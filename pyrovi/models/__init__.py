@@ -2,13 +2,22 @@
 
 from pyrovi.models.base import BaseModel
 from pyrovi.models.ldvae import LDVAE
+from pyrovi.models.scanvi import SCANVI
 from pyrovi.models.scvi import SCVI, library_size_priors
 from pyrovi.models.totalvi import TOTALVI
-from pyrovi.modules import GENE_LIKELIHOODS, SCVIModule, TOTALVIModule, count_likelihood
+from pyrovi.modules import (
+    GENE_LIKELIHOODS,
+    SCANVIModule,
+    SCVIModule,
+    TOTALVIModule,
+    count_likelihood,
+)
 
 __all__ = [
     "GENE_LIKELIHOODS",
     "LDVAE",
+    "SCANVI",
+    "SCANVIModule",
     "SCVI",
     "BaseModel",
     "SCVIModule",

@@ -47,6 +47,8 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
 
     #: Whether ``train(early_stopping=None)`` stops early (when there are validation cells).
     _early_stopping_default = False
+    #: The model's own ``train`` options (name: default), kept in ``train_params``.
+    _training_options: dict = {}
 
     def __init__(self, adata, **init_params):
         self.adata = adata
@@ -70,6 +72,10 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
     @abstractmethod
     def _build_module(self, adata, registry: AnnDataRegistry, **init_params):
         """Build the model/guide module from the registry (each model says how)."""
+
+    def _training_data(self, data: CellData) -> CellData:
+        """The data a run reads once split and ``train_params`` are set (wrapped per model)."""
+        return data
 
     def __repr__(self) -> str:
         summary = ", ".join(f"{k}={v}" for k, v in self.registry.summary().items())
@@ -171,7 +177,6 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
         adata, registry = outputs.registered_data(self, adata)
         indices = cell_positions(indices, adata.n_obs)
         return build_cell_tensors(adata, registry, self.device, indices), indices, adata
-
 
     def train(
         self, max_epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3,
@@ -323,7 +328,6 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
         >>> model.train(resume_from="run/checkpoints")  # doctest: +SKIP
         """
         return persistence.load_checkpoint(cls, path, adata, device, custom_params)
-
 
     def get_latent_representation(
         self, adata=None, indices: Sequence[int] | None = None, give_mean: bool = True,
@@ -508,7 +512,6 @@ class BaseModel(minified.MinifiedDataMixin, ABC):
             in expectation.
         """
         return outputs.marginal_ll(self, adata, indices, n_mc_samples, batch_size, return_mean)
-
 
     def card(self, path=None, **kwargs) -> dict:
         """Write this model's card (Markdown and JSON) and return its content.

@@ -36,20 +36,23 @@ def library_size_priors(adata, registry: AnnDataRegistry) -> tuple[np.ndarray, n
     return registry.library_size_priors(adata)
 
 
-def build_scvi_module(adata, registry: AnnDataRegistry, **params) -> SCVIModule:
-    """The :class:`~pyrovi.modules.SCVIModule` of ``registry``'s data (SCVI's and LDVAE's)."""
+def build_scvi_module(adata, registry: AnnDataRegistry, module_class: type = SCVIModule,
+                      **params) -> SCVIModule:
+    """The module of ``registry``'s data: an :class:`~pyrovi.modules.SCVIModule` (SCVI's and
+    LDVAE's) or a subclass (SCANVI's), with the sizes and library-size prior of the data;
+    ``params`` add to them or override them."""
     means, variances = library_size_priors(adata, registry)
-    return SCVIModule(
-        n_input=registry.n_vars,
-        n_batch=registry.n_batch,
-        n_labels=registry.n_labels,
-        n_cats_per_cov=registry.n_cats_per_covariate,
-        n_continuous_cov=registry.n_continuous_covariates,
-        library_log_means=torch.as_tensor(means),
-        library_log_vars=torch.as_tensor(variances),
-        use_size_factor=registry.size_factor_key is not None,
-        **params,
-    )
+    sizes = {
+        "n_input": registry.n_vars,
+        "n_batch": registry.n_batch,
+        "n_labels": registry.n_labels,
+        "n_cats_per_cov": registry.n_cats_per_covariate,
+        "n_continuous_cov": registry.n_continuous_covariates,
+        "library_log_means": torch.as_tensor(means),
+        "library_log_vars": torch.as_tensor(variances),
+        "use_size_factor": registry.size_factor_key is not None,
+    }
+    return module_class(**{**sizes, **params})
 
 
 # -- public methods of the model classes ------------------------------------------------

@@ -87,11 +87,14 @@ def train(
                       progress_bar=progress_bar, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, keep=keep_checkpoints)
     options = {**(plan_kwargs or {}), **kwargs}
+    # The model's own training options (scANVI's classification weight, say) are recorded
+    # with the run and read by the model's _training_data, not by the SVI loop.
+    own = {name: options.pop(name, default)
+           for name, default in model._training_options.items()}
     unknown = set(options) - PLAN_FIELDS
     if unknown:
-        raise TypeError(
-            f"Unknown training option(s) {sorted(unknown)}; valid: {sorted(PLAN_FIELDS)}."
-        )
+        valid = sorted(PLAN_FIELDS | set(model._training_options))
+        raise TypeError(f"Unknown training option(s) {sorted(unknown)}; valid: {valid}.")
     unknown = set(loader_kwargs or {}) - set(LOADER_OPTIONS)
     if unknown:
         raise TypeError(f"Unknown loader_kwargs {sorted(unknown)}; valid: {LOADER_OPTIONS}.")
@@ -146,10 +149,11 @@ def train(
         "train_size": train_size, "validation_size": validation_size,
         "early_stopping": early_stopping, "n_epochs_kl_warmup": n_epochs_kl_warmup,
         "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
-        "device": str(model.device), **options,
+        "device": str(model.device), **options, **own,
         **({"loader_kwargs": dict(loader_kwargs)} if loader_kwargs else {}),
         **({"strategy": strategy, "world_size": parallel.world_size} if parallel else {}),
     }
+    data = model._training_data(data)
     initialize_prior(model, data)
     start = 0 if model.history is None else int(model.history.index.max()) + 1
     writer = None
@@ -226,6 +230,7 @@ def resume(model, path, max_epochs: int | None, device, progress_bar: bool,
     # The interrupted run's on-disk chunking: it decides the minibatches of its epochs.
     data = build_cell_tensors(model.adata, model.registry, model.device,
                               loader_kwargs=model.train_params.get("loader_kwargs"))
+    data = model._training_data(data)
     options = {k: v for k, v in model.train_params.items() if k in PLAN_FIELDS}
     plan = TrainingPlan(**{**options, "max_epochs": end - done,
                            "progress_bar": progress_bar})

@@ -6,12 +6,14 @@ by keyword and put every per-cell site inside :func:`cell_plate`. The user API c
 """
 
 from pyrovi.modules.plates import CELL_PLATE, cell_plate, kl_scale
+from pyrovi.modules.scanvi import SCANVIModule
 from pyrovi.modules.scvi import GENE_LIKELIHOODS, SCVIModule, count_likelihood
 from pyrovi.modules.totalvi import TOTALVIModule
 
 __all__ = [
     "CELL_PLATE",
     "GENE_LIKELIHOODS",
+    "SCANVIModule",
     "SCVIModule",
     "TOTALVIModule",
     "cell_plate",

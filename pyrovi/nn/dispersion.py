@@ -55,13 +55,16 @@ class Dispersion(nn.Module):
         labels: torch.Tensor | None = None,
         theta_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Theta for a minibatch: shape ``(n_features,)`` for ``"gene"``, else per cell."""
+        """Theta for a minibatch: shape ``(n_features,)`` for ``"gene"``, else per cell
+        (``labels.shape + (n_features,)`` for ``"gene-label"``)."""
         if self.mode == "gene":
             return self.log_theta[0].exp()
         if self.mode == "gene-batch":
             return self.log_theta.index_select(0, batch_index).exp()
         if self.mode == "gene-label":
-            return self.log_theta.index_select(0, labels).exp()
+            # Labels of any shape (a latent label enumerated over its values, say).
+            rows = self.log_theta.index_select(0, labels.reshape(-1))
+            return rows.reshape(*labels.shape, -1).exp()
         if theta_logits is None:
             raise ValueError("dispersion='gene-cell' needs theta_logits from the decoder.")
         return theta_logits.exp()
