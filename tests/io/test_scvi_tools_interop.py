@@ -429,3 +429,41 @@ def test_live_scvi_tools_totalvi_from_mudata_and_back(tmp_path):
     _close(theirs.get_latent_representation(), ours.get_latent_representation())
     with pytest.raises(ValueError, match="network_layout='scvi-tools'"):
         pyrovi.TOTALVI(adata, n_latent=4, n_hidden=16).to_scvi_tools(tmp_path / "pyrovi_layout")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_scvi_tools_scanvi_folders_give_scvi_tools_predictions(version, tmp_path):
+    import json
+
+    folder = FIXTURES / version / "scanvi"
+    expected = _reference(folder)
+    labels = json.loads((folder / "reference.json").read_text())["labels"]
+    model = pyrovi.from_scvi_tools(folder)
+    assert type(model) is pyrovi.SCANVI
+    assert model.labels == labels
+    _close(model.get_latent_representation(), expected["latent_mean"])
+    _close(model.predict(soft=True)[labels].to_numpy(), expected["predict_soft"])
+    model.to_scvi_tools(tmp_path)
+    again = pyrovi.from_scvi_tools(tmp_path, adata=model.adata)
+    _close(again.predict(soft=True)[labels].to_numpy(), expected["predict_soft"])
+
+
+def test_live_scvi_tools_scanvi_both_ways(tmp_path, covariate_data):
+    scvi = pytest.importorskip("scvi")
+    adata = covariate_data.copy()
+    labels = adata.obs["cluster"].astype(str).to_numpy().copy()
+    labels[::3] = "Unknown"
+    adata.obs["partial"] = labels
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch", labels_key="partial")
+    pretrained = scvi.model.SCVI(adata, n_latent=3, n_hidden=16)
+    pretrained.train(max_epochs=2, enable_progress_bar=False)
+    reference = scvi.model.SCANVI.from_scvi_model(pretrained, unlabeled_category="Unknown",
+                                                  linear_classifier=True)
+    reference.train(max_epochs=2, enable_progress_bar=False)
+    reference.save(tmp_path / "ref", save_anndata=True)
+    model = pyrovi.from_scvi_tools(tmp_path / "ref")
+    soft = reference.predict(soft=True)
+    _close(model.predict(soft=True)[list(soft.columns)].to_numpy(), soft.to_numpy())
+    model.to_scvi_tools(tmp_path / "back")
+    reloaded = scvi.model.SCANVI.load(tmp_path / "back", adata=adata)
+    _close(reloaded.predict(soft=True).to_numpy(), soft.to_numpy())

@@ -14,6 +14,14 @@ from functools import partial
 
 from pyrovi.io.scvi_tools import arguments
 from pyrovi.io.scvi_tools.registry import registry_from_scvi_tools, registry_to_scvi_tools
+from pyrovi.io.scvi_tools.scanvi import (
+    scanvi_arguments_from_scvi_tools,
+    scanvi_arguments_to_scvi_tools,
+    scanvi_registry_from_scvi_tools,
+    scanvi_registry_to_scvi_tools,
+    scanvi_state_from_scvi_tools,
+    scanvi_state_to_scvi_tools,
+)
 from pyrovi.io.scvi_tools.scvi_weights import scvi_state_from_scvi_tools, scvi_state_to_scvi_tools
 from pyrovi.io.scvi_tools.totalvi import (
     totalvi_init_params_from_scvi_tools,
@@ -86,6 +94,13 @@ KINDS: dict[str, ModelKind] = {
                   registry_to=totalvi_registry_to_scvi_tools,
                   state_from=totalvi_state_from_scvi_tools,
                   state_to=totalvi_state_to_scvi_tools),
+        ModelKind("SCANVI", "SCANVI",
+                  arguments_from=scanvi_arguments_from_scvi_tools,
+                  arguments_to=scanvi_arguments_to_scvi_tools,
+                  registry_from=scanvi_registry_from_scvi_tools,
+                  registry_to=scanvi_registry_to_scvi_tools,
+                  state_from=scanvi_state_from_scvi_tools,
+                  state_to=scanvi_state_to_scvi_tools),
     )
 }
 

@@ -41,21 +41,50 @@ from pyrovi.io.scvi_tools.linear_blocks import (
 from pyrovi.modules import SCVIModule
 from pyrovi.nn import ExpressionDecoder, GaussianEncoder, LinearExpressionDecoder
 
+#: Names of scvi-tools' Gaussian networks' parts: ``Encoder`` and ``Decoder`` (p(z1 | z2, y)).
+ENCODER_PARTS = ("encoder", "mean_encoder", "var_encoder")
+DECODER_PARTS = ("decoder", "mean_decoder", "var_decoder")
 
-def _encoder_from(state: dict, key: str, encoder: GaussianEncoder, name: str) -> dict:
+
+def encoder_from_scvi_tools(state: dict, key: str, encoder: GaussianEncoder, name: str,
+                            parts: tuple[str, str, str] = ENCODER_PARTS) -> dict:
+    """pyrovi entries ``<name>.*`` of ``encoder`` from scvi-tools' Gaussian network ``key``.
+
+    Parameters
+    ----------
+    state
+        scvi-tools' state dict.
+    key
+        The network's key (``"z_encoder"``).
+    encoder
+        The pyrovi network (its trunk, ``loc`` and ``log_var``).
+    name
+        The pyrovi network's key.
+    parts
+        scvi-tools' names of the trunk and the two heads.
+
+    Returns
+    -------
+    dict
+    """
+    trunk, mean, var = parts
     out = prefixed(f"{name}.trunk", fc_layers_from_scvi_tools(
-        state, f"{key}.encoder", encoder.trunk, continuous_in_hidden_layers=False))
-    out.update(linear_from_scvi_tools(state, f"{key}.mean_encoder", encoder.loc, f"{name}.loc"))
-    out.update(linear_from_scvi_tools(state, f"{key}.var_encoder", encoder.log_var,
+        state, f"{key}.{trunk}", encoder.trunk, continuous_in_hidden_layers=False))
+    out.update(linear_from_scvi_tools(state, f"{key}.{mean}", encoder.loc, f"{name}.loc"))
+    out.update(linear_from_scvi_tools(state, f"{key}.{var}", encoder.log_var,
                                       f"{name}.log_var"))
     return out
 
 
-def _encoder_to(encoder: GaussianEncoder, key: str, what: str) -> dict:
-    out = fc_layers_to_scvi_tools(encoder.trunk, f"{key}.encoder", what,
+def encoder_to_scvi_tools(encoder: GaussianEncoder, key: str, what: str,
+                          parts: tuple[str, str, str] = ENCODER_PARTS) -> dict:
+    """scvi-tools' entries of the Gaussian network ``key`` from the pyrovi ``encoder``
+    (the inverse of :func:`encoder_from_scvi_tools`; ``what`` names it in messages)."""
+    trunk, mean, var = parts
+    out = fc_layers_to_scvi_tools(encoder.trunk, f"{key}.{trunk}", what,
                                   continuous_in_hidden_layers=False)
-    out.update(linear_to_scvi_tools(encoder.loc, f"{key}.mean_encoder"))
-    out.update(linear_to_scvi_tools(encoder.log_var, f"{key}.var_encoder"))
+    out.update(linear_to_scvi_tools(encoder.loc, f"{key}.{mean}"))
+    out.update(linear_to_scvi_tools(encoder.log_var, f"{key}.{var}"))
     return out
 
 
@@ -98,11 +127,20 @@ def scvi_state_from_scvi_tools(state: dict, module: SCVIModule) -> dict:
     Raises
     ------
     ValueError
-        An entry is missing or has another shape than ``module`` needs.
+        An entry is missing, has another shape than ``module`` needs, or has no place in
+        ``module``.
     """
-    out = _encoder_from(state, "z_encoder", module.encoder.z_encoder, "encoder.z_encoder")
+    return check_every_entry_placed(state, module, scvi_entries_from_scvi_tools(state, module),
+                                    scvi_state_to_scvi_tools)
+
+
+def scvi_entries_from_scvi_tools(state: dict, module: SCVIModule) -> dict:
+    """The entries of scVI's networks in ``module`` (an SCVIModule or a subclass), read from
+    scvi-tools' ``state`` (missing or mis-shaped entries raise ``ValueError``); entries of a
+    subclass's own networks are the caller's, and so is the check that nothing is left."""
+    out = encoder_from_scvi_tools(state, "z_encoder", module.encoder.z_encoder, "encoder.z_encoder")
     if module.encoder.library_encoder is not None:
-        out.update(_encoder_from(state, "l_encoder", module.encoder.library_encoder,
+        out.update(encoder_from_scvi_tools(state, "l_encoder", module.encoder.library_encoder,
                                  "encoder.library_encoder"))
     decoder = module.decoder
     for kind, key, name in _decoder_blocks(decoder):
@@ -134,15 +172,29 @@ def scvi_state_from_scvi_tools(state: dict, module: SCVIModule) -> dict:
     for name, value in module.state_dict().items():
         if name.startswith("prior.") and name not in out:
             out[name] = value.clone()
-    # Every scvi-tools tensor must have a place: an entry the architecture does not explain
-    # means a network pyrovi would silently leave out.
+    return out
+
+
+def check_every_entry_placed(state: dict, module: nn.Module, mapped: dict, to_scvi_tools
+                             ) -> dict:
+    """``mapped``, once every tensor of scvi-tools' ``state`` is known to have a place.
+
+    An entry the architecture does not explain would be a network pyrovi silently leaves
+    out; the entries explained are those ``to_scvi_tools`` writes for ``module`` holding
+    ``mapped``.
+
+    Raises
+    ------
+    ValueError
+        Naming the entries without a place.
+    """
     probe = copy.deepcopy(module)
-    probe.load_state_dict(out)
-    extra = sorted(set(state) - set(scvi_state_to_scvi_tools(probe)))
+    probe.load_state_dict(mapped)
+    extra = sorted(set(state) - set(to_scvi_tools(probe)))
     if extra:
         raise ValueError(f"The scvi-tools weights hold entries this architecture has no place "
                          f"for: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
-    return out
+    return mapped
 
 
 def scvi_state_to_scvi_tools(module: SCVIModule) -> dict:
@@ -163,10 +215,10 @@ def scvi_state_to_scvi_tools(module: SCVIModule) -> dict:
     ValueError
         A part of ``module`` scvi-tools cannot represent.
     """
-    out = _encoder_to(module.encoder.z_encoder, "z_encoder", "the encoder")
+    out = encoder_to_scvi_tools(module.encoder.z_encoder, "z_encoder", "the encoder")
     library = module.encoder.library_encoder
-    out.update(_encoder_to(library, "l_encoder", "the library encoder") if library is not None
-               else _unused_library_encoder(module))
+    out.update(encoder_to_scvi_tools(library, "l_encoder", "the library encoder")
+               if library is not None else _unused_library_encoder(module))
     decoder = module.decoder
     for kind, key, name in _decoder_blocks(decoder):
         block = getattr(decoder, name)

@@ -25,7 +25,7 @@ import pyrovi
 
 FIXTURES = Path(__file__).resolve().parent
 MODELS = {"scvi_batch_latent_library": "SCVI", "scvi_nb_encode_covariates": "SCVI",
-          "linear_scvi": "LinearSCVI", "totalvi": "TOTALVI"}
+          "linear_scvi": "LinearSCVI", "totalvi": "TOTALVI", "scanvi": "SCANVI"}
 
 
 def main() -> int:
