@@ -135,8 +135,11 @@ def load_query_data(
     New rows start at the mean of the reference's; the new batches' library-size prior
     (and every other data-driven tensor the module declares, TotalVI's among them) come
     from the query's counts. Fine-tune with :meth:`train`. Works for :class:`~pyrovi.SCVI`,
-    :class:`~pyrovi.LDVAE` and :class:`~pyrovi.TOTALVI` (call it on the reference's
-    class); see :mod:`pyrovi.models.transfer` for the freezing rule and why.
+    :class:`~pyrovi.LDVAE`, :class:`~pyrovi.SCANVI` and :class:`~pyrovi.TOTALVI` (call it
+    on the reference's class); see :mod:`pyrovi.models.transfer` for the freezing rule and
+    why. A scANVI query's cells are unlabelled unless its labels column (optional) says
+    otherwise with the reference's labels; a label the reference was not trained on is
+    refused, and the classifier stays the reference's.
 
     Parameters
     ----------

@@ -47,24 +47,6 @@ from pyrovi.nn import FCLayers, GaussianEncoder
 CLASSIFIER_OPTIONS = ("n_hidden", "n_layers", "dropout_rate")
 
 
-def per_label(network: GaussianEncoder, z: torch.Tensor, y: torch.Tensor):
-    """``network(z, [y])`` for each cell's ``z`` and label ``y``, broadcast together.
-
-    Under enumeration ``y`` holds every label (shape ``(K, 1)``) and ``z`` the cells, so
-    every cell meets every label; the network runs on the flattened pairs (batch norm
-    needs a matrix).
-
-    Returns
-    -------
-    loc, scale
-        Shapes ``broadcast(z.shape[:-1], y.shape) + (n_output,)``.
-    """
-    shape = torch.broadcast_shapes(z.shape[:-1], y.shape)
-    width = z.shape[-1]
-    loc, scale = network(z.expand(*shape, width).reshape(-1, width), [y.expand(shape).reshape(-1)])
-    return loc.reshape(*shape, -1), scale.reshape(*shape, -1)
-
-
 def label_prior_probs(label_prior, n_labels: int) -> torch.Tensor:
     """The label probabilities pi: uniform, or given (normalised)."""
     if label_prior is None:
@@ -230,7 +212,7 @@ class SCANVIModule(SCVIModule):
             # y_n ~ Categorical(pi): a labelled cell's label, every label for an unknown one
             y = pyro.sample("y", dist.Categorical(probs=self.label_probs).expand([n_cells]))
             # z1_n | z2_n, y_n ~ N(mu(z2_n, y_n), sigma²(z2_n, y_n))
-            z1 = pyro.sample("z", dist.Normal(*per_label(self.z1_decoder, z2, y)).to_event(1))
+            z1 = pyro.sample("z", dist.Normal(*self.z1_decoder(z2, [y])).to_event(1))
             if self.use_observed_lib_size:
                 # l_n = log of the cell's total count (or given size factor), observed
                 log_library = self.observed_log_library(x, size_factor)
@@ -256,8 +238,9 @@ class SCANVIModule(SCVIModule):
             # q(y_n | z1_n): the classifier, a point mass at a known label; enumerated
             y = pyro.sample("y", dist.Categorical(logits=self.label_logits(z1, labels)),
                             infer={"enumerate": "parallel"})
-            # q(z2_n | z1_n, y_n)
-            pyro.sample("z2", dist.Normal(*per_label(self.z2_encoder, z1, y)).to_event(1))
+            # q(z2_n | z1_n, y_n): under enumeration y has shape (K, 1), so every cell meets
+            # every label (the networks broadcast the label against the cells)
+            pyro.sample("z2", dist.Normal(*self.z2_encoder(z1, [y])).to_event(1))
             if classification_weight is not None and labels is not None:
                 # -w_n log q(y_n | E[z1_n]) on labelled cells: a guide term is subtracted
                 # from the ELBO, so this adds w_n log q(y_n | E[z1_n]) to the objective.

@@ -182,8 +182,14 @@ class FCLayers(nn.Module):
     def forward(
         self, x: torch.Tensor, cats: Sequence[torch.Tensor] = (), cont: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Apply the stack to ``x`` with covariates ``cats`` (codes) and ``cont``."""
+        """Apply the stack to ``x`` with covariates ``cats`` (codes) and ``cont``.
+
+        Inputs and covariates broadcast against each other: ``x`` of shape ``(n, n_in)``
+        with codes of shape ``(K, 1)`` gives ``(K, n, n_out)``, every row of ``x`` with
+        every code (an enumerated label meeting each cell) at the cost of one linear map of
+        ``x``. Normalisation treats every leading index as a row.
+        """
         for inject, layer in zip(self.inject, self.layers, strict=True):
             x = layer["linear"](x, cats if inject else (), cont if inject else None)
-            x = layer["post"](x)
+            x = layer["post"](x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return x

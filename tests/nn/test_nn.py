@@ -60,3 +60,26 @@ def test_decoder_heads_and_dispersion_modes():
     torch.testing.assert_close(Dispersion(30, "gene-cell")(theta_logits=out.theta_logits),
                                out.theta_logits.exp())
     assert Dispersion(5, "protein-batch", n_batch=2).mode == "gene-batch"
+
+
+def test_fc_layers_broadcast_codes_against_cells():
+    """Codes of shape (K, 1) meet every row of x (n, d): the (K, n, out) result equals the
+    stack applied to each (row, code) pair, batch norm included (its rows are the pairs)."""
+    torch.manual_seed(0)
+    block = FCLayers(5, 7, n_cat_list=[3], n_layers=2, n_hidden=6, dropout_rate=0.0)
+    x = torch.randn(4, 5)
+    codes = torch.arange(3).unsqueeze(-1)
+    broadcast = block(x, [codes])
+    assert broadcast.shape == (3, 4, 7)
+    pairs = block(x.repeat(3, 1), [codes.repeat_interleave(4)])  # the 12 pairs as rows
+    torch.testing.assert_close(broadcast.reshape(12, 7), pairs)
+    block.eval()
+    torch.testing.assert_close(block(x, [codes])[2], block(x, [torch.full((4,), 2)]))
+
+
+def test_gene_label_dispersion_takes_labels_of_any_shape():
+    dispersion = Dispersion(5, "gene-label", n_labels=3)
+    labels = torch.arange(3).unsqueeze(-1)  # an enumerated label, (K, 1)
+    theta = dispersion(labels=labels)
+    assert theta.shape == (3, 1, 5)
+    torch.testing.assert_close(theta[:, 0], dispersion(labels=torch.arange(3)))
