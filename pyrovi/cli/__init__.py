@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="count distribution (default: the model's)")
     fitting = train.add_argument_group("training")
     fitting.add_argument("--max-epochs", type=_positive, default=None,
-                         help="epochs (default: scvi-tools' size-based rule)")
+                         help="epochs (default: until converged, see train())")
     fitting.add_argument("--batch-size", type=_positive, default=None,
                          help="cells per minibatch (default: the model's)")
     fitting.add_argument("--lr", type=float, default=None,

@@ -100,7 +100,9 @@ def _sparse_row_sums(matrix, block_values: int = _SPARSE_CHUNK_VALUES) -> np.nda
 
     scipy sums a sparse matrix's rows as a product with a vector of ones in the result's
     dtype, which first copies every stored value to float64: twice the values of a float32
-    matrix at once. Blocks of rows keep that copy small; each row is summed as before.
+    matrix at once; and it first sorts the indices of a matrix whose columns were reordered
+    (a gene subset), a copy of its own. The stored values of a block of rows are summed
+    cumulatively instead (exact for counts), and read at the rows' boundaries.
     """
     if matrix.format != "csr":
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
@@ -110,8 +112,10 @@ def _sparse_row_sums(matrix, block_values: int = _SPARSE_CHUNK_VALUES) -> np.nda
     while start < n_rows:
         stop = int(np.searchsorted(indptr, indptr[start] + block_values, side="right"))
         stop = min(max(stop - 1, start + 1), n_rows)
-        totals[start:stop] = np.asarray(
-            matrix[start:stop].sum(axis=1, dtype=np.float64)).ravel()
+        first = indptr[start]
+        running = np.zeros(indptr[stop] - first + 1, dtype=np.float64)
+        np.cumsum(matrix.data[first:indptr[stop]], dtype=np.float64, out=running[1:])
+        totals[start:stop] = np.diff(running[indptr[start:stop + 1] - first])
         start = stop
     return totals
 

@@ -272,6 +272,7 @@ class CheckpointWriter:
             "optimizer": end.optimizer.state_dict(),
             "early_stopping": None if stopper is None else {"best": stopper.best,
                                                             "wait": stopper.wait},
+            "lr_schedule": end.lr_schedule.state() if end.lr_schedule.varies else None,
             "rng": rng_state(self.device),
             "checkpoint_every": self.every,
         }

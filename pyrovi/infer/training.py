@@ -40,6 +40,7 @@ from pyrovi.infer.objective import (
     make_elbo,
 )
 from pyrovi.infer.scaling import CELL_PLATE, MinibatchScaling
+from pyrovi.infer.schedules import LearningRateSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,16 @@ class TrainingPlan:
         ELBO instance (see :func:`~pyrovi.infer.make_elbo`).
     early_stopping, early_stopping_monitor, early_stopping_patience, early_stopping_min_delta
         Early stopping on a history column (lower is better).
+    reduce_lr_on_plateau, lr_factor, lr_patience, lr_threshold, lr_min, lr_scheduler_metric
+        Multiply the learning rate by ``lr_factor`` when ``lr_scheduler_metric`` has not
+        improved by more than ``lr_threshold`` for ``lr_patience`` epochs, down
+        to ``lr_min`` (scvi-tools' names and defaults; see
+        :class:`~pyrovi.infer.schedules.LearningRateSchedule`).
+    lr_warmup_epochs
+        Epochs over which the learning rate rises linearly to ``lr`` (0: none).
+    lr_decay_to
+        After the warm-up, decay the learning rate along half a cosine to ``lr_decay_to``
+        times ``lr`` at the run's last epoch (``None``: no decay).
     check_val_every_n_epoch
         Validation frequency.
     validation_batch_size
@@ -170,24 +181,48 @@ class TrainingPlan:
     early_stopping_monitor: str = "elbo_validation"
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    lr_warmup_epochs: int = 0
+    lr_decay_to: float | None = None
     check_val_every_n_epoch: int = 1
     validation_batch_size: int = 1024
     progress_bar: bool = True
 
     def __post_init__(self):
         for name, least in (("max_epochs", 1), ("batch_size", 1), ("check_val_every_n_epoch", 1),
-                            ("validation_batch_size", 1), ("early_stopping_patience", 1)):
+                            ("validation_batch_size", 1), ("early_stopping_patience", 1),
+                            ("lr_patience", 1), ("lr_warmup_epochs", 0)):
             _check_count(name, getattr(self, name), least)
         for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
             if getattr(self, name) is not None:
                 _check_count(name, getattr(self, name), 0)
         # lr=0 is allowed: a pass that updates batch-norm statistics and priors only.
-        for name, positive in (("lr", False), ("eps", True), ("weight_decay", False)):
+        for name, positive in (("lr", False), ("eps", True), ("weight_decay", False),
+                               ("lr_threshold", False), ("lr_min", False)):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not math.isfinite(value) or \
                     value < 0 or (positive and value == 0):
                 raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} "
                                  f"number, got {value!r}.")
+        if not isinstance(self.lr_factor, numbers.Real) or not 0 < self.lr_factor < 1:
+            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor!r}.")
+
+        if self.lr_decay_to is not None and not 0 <= self.lr_decay_to <= 1:
+            raise ValueError(f"lr_decay_to must be in [0, 1], got {self.lr_decay_to!r}.")
+
+    def lr_schedule(self, steps_per_epoch: int, first_step: int) -> LearningRateSchedule:
+        """The learning rate by step of a run from ``first_step`` over ``max_epochs``
+        (constant unless a warm-up, decay or plateau rule is set)."""
+        return LearningRateSchedule(
+            self.lr, self.lr_warmup_epochs * steps_per_epoch, self.reduce_lr_on_plateau,
+            self.lr_factor, self.lr_patience, self.lr_threshold, self.lr_min,
+            self.lr_decay_to, self.max_epochs * steps_per_epoch, first_step,
+            self.lr_scheduler_metric)
 
 
 @dataclass
@@ -206,6 +241,8 @@ class EpochEnd:
         The Adam optimiser (its ``state_dict()`` resumes the run).
     early_stopping
         The early-stopping tracker, ``None`` without early stopping.
+    lr_schedule
+        The learning-rate schedule (its ``state()`` resumes the run).
     last
         Whether this is the last epoch of the call (``max_epochs`` reached or early stop).
     """
@@ -215,6 +252,7 @@ class EpochEnd:
     row: dict
     optimizer: torch.optim.Optimizer
     early_stopping: EarlyStopping | None
+    lr_schedule: LearningRateSchedule
     last: bool
 
 
@@ -316,7 +354,8 @@ def train_svi(
         State of an interrupted run to continue exactly (see
         :mod:`pyrovi.infer.checkpoint`): ``"optimizer"`` (Adam's ``state_dict``),
         ``"step"`` (optimiser steps so far, for the step-based KL warm-up) and
-        ``"early_stopping"`` (``{"best": ..., "wait": ...}`` or ``None``).
+        ``"early_stopping"`` (``{"best": ..., "wait": ...}`` or ``None``) and
+        ``"lr_schedule"`` (the learning-rate schedule's state, or ``None``).
     on_epoch_end
         Called with an :class:`EpochEnd` after every epoch's history row (to write
         checkpoints, say); not called for an epoch whose loss is not finite.
@@ -376,10 +415,17 @@ def train_svi(
         stopper.wait = resume_state["early_stopping"]["wait"]
 
     rows = []
+    steps_per_epoch = math.ceil(train_index.numel() / plan.batch_size)
     # The counted steps of the interrupted run when resuming: the estimate below is off
     # when a one-cell last minibatch was merged into the previous one.
-    step = resume_state.get("step", start_epoch * math.ceil(train_index.numel()
-                                                              / plan.batch_size))
+    step = resume_state.get("step", start_epoch * steps_per_epoch)
+    schedule = plan.lr_schedule(steps_per_epoch, step)
+    schedule.load_state(resume_state.get("lr_schedule"))
+    if schedule.reduce_on_plateau and schedule.monitor.endswith("_validation") \
+            and not has_validation:
+        raise ValueError(
+            f"reduce_lr_on_plateau monitors {schedule.monitor!r} but there are no validation "
+            "cells; use train_size < 1 or set lr_scheduler_metric to a *_train column.")
     epochs = tqdm(
         range(start_epoch, start_epoch + plan.max_epochs),
         desc="Training",
@@ -401,6 +447,9 @@ def train_svi(
             for index, batch in data.training_batches(train_index, plan.batch_size):
                 kl_weight = kl_weight_schedule(epoch, step, plan.n_epochs_kl_warmup,
                                                plan.n_steps_kl_warmup)
+                if schedule.varies:
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.rate(step)
                 scaling.kl_weight = kl_weight
                 with scaling:
                     loss, terms = loss_and_terms(elbo, module.model, module.guide, **batch)
@@ -431,6 +480,8 @@ def train_svi(
                 parallel.average_buffers(module)
             row = {"epoch": epoch, "kl_weight": kl_weight,
                    "train_loss": float(loss_sum) / n_train}
+            if schedule.varies:
+                row["lr"] = optimizer.param_groups[0]["lr"]
             row.update(_epoch_means("train", CellTerms(reconstruction_sum, kl_sum), n_train))
             if has_validation and (epoch + 1) % plan.check_val_every_n_epoch == 0:
                 val = _validation_sums(module, data, validation_indices, plan, parallel)
@@ -444,11 +495,14 @@ def train_svi(
             epochs.set_postfix(
                 {k: f"{row[k]:.4g}" for k in ("train_loss", "elbo_validation") if k in row}
             )
+            if schedule.monitor in row and schedule.end_epoch(row[schedule.monitor]):
+                logger.info("%s did not improve for %d epochs: learning rate now %.3g.",
+                            schedule.monitor, schedule.patience, schedule.rate(step))
             stop = (stopper is not None and stopper.monitor in row
                     and stopper.should_stop(row[stopper.monitor]))
             # After the early-stopping update, so that a checkpoint holds this epoch's state.
             if on_epoch_end is not None:
-                on_epoch_end(EpochEnd(epoch, step, row, optimizer, stopper,
+                on_epoch_end(EpochEnd(epoch, step, row, optimizer, stopper, schedule,
                                       last=stop or epoch == start_epoch + plan.max_epochs - 1))
             if stop:
                 logger.info(

@@ -27,6 +27,7 @@ from pyrovi.data.multimodal import (
     setup_obs_keys,
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
+from pyrovi.infer.defaults import SCVI_TOOLS_TOTALVI
 from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import outputs, scvi_family
 from pyrovi.models.base import BaseModel
@@ -86,7 +87,7 @@ class TOTALVI(BaseModel):
     >>> foreground = model.get_protein_foreground_probability()  # doctest: +SKIP
     """
 
-    _early_stopping_default = True
+    _fixed_defaults = _converging_defaults = SCVI_TOOLS_TOTALVI
 
     # Reference mapping and the RNA likelihood parameters, as functions shared with SCVI.
     load_query_data = classmethod(scvi_family.load_query_data)
@@ -328,36 +329,21 @@ class TOTALVI(BaseModel):
 
     # -- training -------------------------------------------------------------------------
 
-    def train(
-        self,
-        max_epochs: int | None = None,
-        lr: float = 4e-3,
-        batch_size: int = 256,
-        early_stopping: bool | None = None,
-        n_epochs_kl_warmup: int | None = None,
-        n_steps_kl_warmup: int | None = None,
-        **kwargs,
-    ) -> TOTALVI:
-        """Fit by SVI with TotalVI's defaults (those of scvi-tools).
+    def train(self, max_epochs: int | None = None, **kwargs) -> TOTALVI:
+        """Fit by SVI; the options and their defaults are :meth:`pyrovi.SCVI.train`'s.
 
-        Learning rate 4e-3, minibatches of 256 cells, early stopping on the validation
-        ELBO (``early_stopping=None``: when there are validation cells; without them, e.g.
+        A run of given length uses scvi-tools' TOTALVI defaults for the options left
+        unset: learning rate 4e-3, minibatches of 256 cells, early stopping on the
+        validation ELBO (when there are validation cells; without them, e.g.
         ``train_size=1.0``, training runs without it and says so in the log, while an
         explicit ``early_stopping=True`` is an error), and a KL warm-up over
-        ``0.75 · n_cells`` steps unless a warm-up is given. Every other option is
-        :meth:`pyrovi.SCVI.train`'s.
+        ``0.75 · n_cells`` steps.
 
         Returns
         -------
         The model itself, trained.
         """
-        if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
-            n_steps_kl_warmup = int(0.75 * self.adata.n_obs)
-        return super().train(
-            max_epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
-            n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup,
-            **kwargs,
-        )
+        return super().train(max_epochs=max_epochs, **kwargs)
 
     # -- decoding -------------------------------------------------------------------------
 

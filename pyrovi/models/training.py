@@ -28,6 +28,7 @@ from pyrovi.infer import (
     train_svi,
 )
 from pyrovi.infer import checkpoint as checkpoints
+from pyrovi.infer.defaults import resolve_run
 from pyrovi.infer.distributed import local_device, setup_data_parallel
 from pyrovi.io.checkpoint_files import read_checkpoint, write_checkpoint
 from pyrovi.models import persistence
@@ -51,8 +52,8 @@ def weights_digest(module: torch.nn.Module) -> str:
 def train(
     model,
     max_epochs: int | None,
-    batch_size: int,
-    lr: float,
+    batch_size: int | None,
+    lr: float | None,
     train_size: float,
     validation_size: float | None,
     early_stopping: bool | None,
@@ -121,11 +122,20 @@ def train(
         model._split = ((train_size, validation_size),
                         split_indices(candidates, train_size, validation_size, rng))
     model.train_indices, model.validation_indices = model._split[1]
-    if early_stopping is None:
-        early_stopping = model._early_stopping_default and len(model.validation_indices) > 0
-        if model._early_stopping_default and not early_stopping:
-            logger.info("No validation cells (train_size=%s): training without early "
-                        "stopping, which monitors them.", train_size)
+    run = resolve_run(model._fixed_defaults, model._converging_defaults, model.adata.n_obs,
+                      max_epochs, batch_size, lr, early_stopping, n_epochs_kl_warmup,
+                      n_steps_kl_warmup, options)
+    batch_size, lr, early_stopping = run["batch_size"], run["lr"], run["early_stopping"]
+    n_epochs_kl_warmup, n_steps_kl_warmup = run["n_epochs_kl_warmup"], run["n_steps_kl_warmup"]
+    validating = len(model.validation_indices) > 0
+    if not run["early_stopping_given"] and early_stopping and not validating:
+        early_stopping = False
+        logger.info("No validation cells (train_size=%s): training without early "
+                    "stopping, which monitors them.", train_size)
+    if not validating:
+        # The plateau rule of the converging defaults monitors the validation cells too.
+        run["plan"].pop("reduce_lr_on_plateau", None)
+    options = {**run["plan"], **options}
     if max_epochs is None:
         max_epochs = default_max_epochs(model.adata.n_obs)
     plan = TrainingPlan(
@@ -140,16 +150,17 @@ def train(
         **options,
     )
     logger.info(
-        "Training %s on %s: %d training and %d validation cells, %d epochs.",
-        type(model).__name__, model.device, len(model.train_indices),
-        len(model.validation_indices), max_epochs,
+        "Training %s on %s: %d training and %d validation cells, %s%d epochs, batch %d, "
+        "learning rate %.3g.", type(model).__name__, model.device, len(model.train_indices),
+        len(model.validation_indices), "at most " if early_stopping else "", max_epochs,
+        batch_size, lr,
     )
     model.train_params = {
         "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
         "train_size": train_size, "validation_size": validation_size,
         "early_stopping": early_stopping, "n_epochs_kl_warmup": n_epochs_kl_warmup,
         "n_steps_kl_warmup": n_steps_kl_warmup, "loss": loss, "seed": seed,
-        "device": str(model.device), **options, **own,
+        "device": str(model.device), "defaults": run["regime"], **options, **own,
         **({"loader_kwargs": dict(loader_kwargs)} if loader_kwargs else {}),
         **({"strategy": strategy, "world_size": parallel.world_size} if parallel else {}),
     }
@@ -243,7 +254,8 @@ def resume(model, path, max_epochs: int | None, device, progress_bar: bool,
     )
     # Last, so that nothing between here and the first minibatch draws from them.
     checkpoints.set_rng_state(state["rng"], model.device)
-    resume_state = {k: state[k] for k in ("optimizer", "step", "early_stopping")}
+    resume_state = {k: state.get(k) for k in ("optimizer", "step", "early_stopping",
+                                              "lr_schedule")}
     return run_svi(model, data, plan, done, resume_state, writer)
 
 

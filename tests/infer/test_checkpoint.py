@@ -18,7 +18,7 @@ from pyrovi.io.checkpoint_files import read_checkpoint
 #: whose tracker matters at the interruption (here the ELBO of epoch 0 stays the best by
 #: 25 through epoch 4, so the run stops after epoch 4; a tracker started afresh at the
 #: resume would take epoch 4 as its best and stop four epochs later); TotalVI with its
-#: defaults.
+#: defaults (scvi-tools' plateau rule among them).
 RUNS = {
     "scvi-epoch-warmup": ("SCVI", dict(batch_size=64, n_epochs_kl_warmup=6,
                                        check_val_every_n_epoch=2)),
@@ -27,6 +27,11 @@ RUNS = {
         early_stopping_monitor="elbo_train", early_stopping_patience=4,
         early_stopping_min_delta=25.0)),
     "totalvi": ("TOTALVI", dict(batch_size=64)),
+    # The learning-rate schedule's state: warm-up, cosine decay to the run's end (not to
+    # the end of the epochs left at the resume) and a plateau rule that has waited.
+    "scvi-lr-schedule": ("SCVI", dict(batch_size=64, lr=1e-2, lr_warmup_epochs=2,
+                                      lr_decay_to=0.1, reduce_lr_on_plateau=True,
+                                      lr_patience=1, lr_scheduler_metric="elbo_train")),
 }
 
 
