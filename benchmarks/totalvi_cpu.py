@@ -59,7 +59,8 @@ def train_pyrovi(adata, seed, *, epochs, split):
     model = pyrovi.TOTALVI(adata, n_latent=20)
     start = time.perf_counter()
     model.train(max_epochs=epochs, device="cpu", progress_bar=False, seed=seed,
-                early_stopping=False, train_indices=split[0], validation_indices=split[1])
+                early_stopping=False, reduce_lr_on_plateau=False,
+                train_indices=split[0], validation_indices=split[1])
     seconds = time.perf_counter() - start
     return seconds / epochs, model.get_elbo(indices=split[1])
 

@@ -1,6 +1,7 @@
 """Inference (``pyrovi.infer``): the SVI loop, ELBO scaling, devices."""
 
 from pyrovi.infer.devices import resolve_device
+from pyrovi.infer.fit import FitResult, fit
 from pyrovi.infer.objective import (
     CellTerms,
     cell_terms,
@@ -13,11 +14,9 @@ from pyrovi.infer.scaling import CELL_PLATE, MinibatchScaling, cell_plate, kl_sc
 from pyrovi.infer.training import (
     EarlyStopping,
     EpochEnd,
-    FitResult,
     TrainingPlan,
     default_max_epochs,
     evaluate_dataset,
-    fit,
     kl_weight_schedule,
     split_indices,
     train_svi,

@@ -133,7 +133,7 @@ def train(
         logger.info("No validation cells (train_size=%s): training without early "
                     "stopping, which monitors them.", train_size)
     if not validating:
-        # The plateau rule of the converging defaults monitors the validation cells too.
+        # A default plateau rule (TOTALVI's) monitors the validation cells too.
         run["plan"].pop("reduce_lr_on_plateau", None)
     options = {**run["plan"], **options}
     if max_epochs is None:
