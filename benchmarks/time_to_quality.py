@@ -310,7 +310,9 @@ def markdown(rows, threads: int, runs: int, png: str, section: str) -> str:
             f"{'yes' if r.get('meets') else 'no'} |")
     lines += ["", f"![Held-out ELBO against wall time]({png})", "",
               f"Command: `python benchmarks/time_to_quality.py --threads {threads} "
-              f"--runs {runs}`", ""]
+              f"--runs {runs}"
+              + ("" if [r["dataset"] for r in rows] == DEFAULT_DATASETS
+                 else " --datasets " + " ".join(r["dataset"] for r in rows)) + "`", ""]
     return "\n".join(lines)
 
 

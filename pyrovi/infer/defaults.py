@@ -96,6 +96,12 @@ CONVERGING = RunDefaults(
 )
 
 
+#: pyrovi's defaults for a TOTALVI run whose length it chooses: those of SCVI's, with
+#: TotalVI's learning rate (scvi-tools' 4e-3 at minibatches of 256, by the square root of
+#: the minibatch size otherwise) and no plateau rule.
+CONVERGING_TOTALVI = replace(CONVERGING, lr=lambda batch_size: 4e-3 * (batch_size / 256) ** 0.5)
+
+
 def resolve_run(
     fixed: RunDefaults,
     converging: RunDefaults,

@@ -209,7 +209,6 @@ class TrainingPlan:
                                  f"number, got {value!r}.")
         if not isinstance(self.lr_factor, numbers.Real) or not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor!r}.")
-
         if self.lr_decay_to is not None and not 0 <= self.lr_decay_to <= 1:
             raise ValueError(f"lr_decay_to must be in [0, 1], got {self.lr_decay_to!r}.")
 

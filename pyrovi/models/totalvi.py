@@ -27,7 +27,7 @@ from pyrovi.data.multimodal import (
     setup_obs_keys,
 )
 from pyrovi.data.registry import REGISTRY_UNS_KEY, category_codes, counts_matrix, get_registry
-from pyrovi.infer.defaults import SCVI_TOOLS_TOTALVI
+from pyrovi.infer.defaults import CONVERGING_TOTALVI, SCVI_TOOLS_TOTALVI
 from pyrovi.io.model_classes import register_model_class
 from pyrovi.models import outputs, scvi_family
 from pyrovi.models.base import BaseModel
@@ -87,7 +87,8 @@ class TOTALVI(BaseModel):
     >>> foreground = model.get_protein_foreground_probability()  # doctest: +SKIP
     """
 
-    _fixed_defaults = _converging_defaults = SCVI_TOOLS_TOTALVI
+    _fixed_defaults = SCVI_TOOLS_TOTALVI
+    _converging_defaults = CONVERGING_TOTALVI
 
     # Reference mapping and the RNA likelihood parameters, as functions shared with SCVI.
     load_query_data = classmethod(scvi_family.load_query_data)
@@ -330,14 +331,17 @@ class TOTALVI(BaseModel):
     # -- training -------------------------------------------------------------------------
 
     def train(self, max_epochs: int | None = None, **kwargs) -> TOTALVI:
-        """Fit by SVI; the options and their defaults are :meth:`pyrovi.SCVI.train`'s.
+        """Fit by SVI; the options are :meth:`pyrovi.SCVI.train`'s.
 
         A run of given length uses scvi-tools' TOTALVI defaults for the options left
-        unset: learning rate 4e-3, minibatches of 256 cells, early stopping on the
-        validation ELBO (when there are validation cells; without them, e.g.
-        ``train_size=1.0``, training runs without it and says so in the log, while an
-        explicit ``early_stopping=True`` is an error), and a KL warm-up over
-        ``0.75 · n_cells`` steps.
+        unset: learning rate 4e-3, minibatches of 256 cells, the rate lowered by 0.6 after
+        30 epochs without improvement of the validation ELBO, early stopping after 45
+        (when there are validation cells; without them, e.g. ``train_size=1.0``, training
+        runs without either and says so in the log, while an explicit
+        ``early_stopping=True`` is an error), and a KL warm-up over ``0.75 · n_cells``
+        steps. Without ``max_epochs`` it trains until converged, as SCVI does, at
+        TotalVI's learning rate (4e-3 at minibatches of 256, by the square root of the
+        minibatch size otherwise).
 
         Returns
         -------

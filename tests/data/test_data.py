@@ -311,8 +311,8 @@ def test_nonzero_positions_reach_only_models_that_take_them():
 
 
 def test_cell_totals_of_csr_blocks_equal_scipys_row_sums():
-    # Summed a block of rows at a time (no float64 copy of every stored value at once),
-    # each row as scipy sums it: the same float64 totals, empty rows and all.
+    # Summed a block of rows at a time (no float64 copy of every stored value at once):
+    # scipy's float64 totals exactly (integer counts), empty rows and all.
     from pyrovi.data import validation
 
     rng = np.random.default_rng(0)
@@ -324,3 +324,11 @@ def test_cell_totals_of_csr_blocks_equal_scipys_row_sums():
     np.testing.assert_array_equal(validation._sparse_row_sums(matrix, block_values=97), expected)
     np.testing.assert_array_equal(validation.cell_totals(matrix), expected)
     np.testing.assert_array_equal(validation.cell_totals(matrix.tocsc()), expected)
+    # A gene subset in another order leaves the indices unsorted; they are summed as they
+    # are (scipy would sort a copy first) and the matrix is left as it was.
+    shuffled = matrix[:, rng.permutation(300)[:200]]
+    assert not shuffled.has_sorted_indices
+    indices = shuffled.indices.copy()
+    np.testing.assert_array_equal(validation._sparse_row_sums(shuffled, block_values=97),
+                                  np.asarray(shuffled.sum(axis=1, dtype=np.float64)).ravel())
+    np.testing.assert_array_equal(shuffled.indices, indices)

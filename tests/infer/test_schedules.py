@@ -122,6 +122,7 @@ def test_a_run_of_given_length_takes_scvi_tools_values():
     totalvi = resolve(max_epochs=50, fixed=SCVI_TOOLS_TOTALVI)
     assert (totalvi["batch_size"], totalvi["lr"], totalvi["n_steps_kl_warmup"],
             totalvi["early_stopping"]) == (256, 4e-3, 750, True)
+    assert totalvi["plan"] == {"reduce_lr_on_plateau": True}  # as scvi-tools' TOTALVI.train
 
 
 def test_a_run_of_chosen_length_takes_the_converging_defaults():
