@@ -131,7 +131,7 @@ def resolve_run(
     -------
     dict
         ``batch_size``, ``lr`` (the default's for the minibatch size, given or not),
-        ``early_stopping``, ``early_stopping_given``, ``n_epochs_kl_warmup``,
+        ``early_stopping``, ``n_epochs_kl_warmup``,
         ``n_steps_kl_warmup``, ``regime`` (``"fixed"`` or ``"converging"``) and
         ``plan`` (plan options to add).
     """
@@ -159,14 +159,8 @@ def resolve_run(
         "lr": lr,
         "early_stopping": defaults.early_stopping if early_stopping is None
         else early_stopping,
-        "early_stopping_given": early_stopping is not None,
         "n_epochs_kl_warmup": epochs_warmup,
         "n_steps_kl_warmup": steps_warmup,
         "regime": "fixed" if max_epochs is not None else "converging",
         "plan": plan,
     }
-
-
-def with_plan(defaults: RunDefaults, **plan) -> RunDefaults:
-    """``defaults`` with some plan options changed (for a model's own defaults)."""
-    return replace(defaults, plan={**defaults.plan, **plan})

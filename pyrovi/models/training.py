@@ -125,10 +125,11 @@ def train(
     run = resolve_run(model._fixed_defaults, model._converging_defaults, model.adata.n_obs,
                       max_epochs, batch_size, lr, early_stopping, n_epochs_kl_warmup,
                       n_steps_kl_warmup, options)
+    early_stopping_given = early_stopping is not None
     batch_size, lr, early_stopping = run["batch_size"], run["lr"], run["early_stopping"]
     n_epochs_kl_warmup, n_steps_kl_warmup = run["n_epochs_kl_warmup"], run["n_steps_kl_warmup"]
     validating = len(model.validation_indices) > 0
-    if not run["early_stopping_given"] and early_stopping and not validating:
+    if not early_stopping_given and early_stopping and not validating:
         early_stopping = False
         logger.info("No validation cells (train_size=%s): training without early "
                     "stopping, which monitors them.", train_size)
