@@ -66,13 +66,26 @@ def _shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.as_tensor(array, device=device)
 
 
+#: Largest count matrix (bytes of float32) that a sparse matrix is densified into.
+DENSE_LIMIT_BYTES = 2**30
+
+
+def dense_is_smaller(matrix) -> bool:
+    """Whether the dense float32 form of the sparse ``matrix`` takes no more memory than its
+    CSR arrays (int32 column and float32 value per stored entry: at least half the entries
+    non-zero), and at most :data:`DENSE_LIMIT_BYTES`."""
+    dense_bytes = 4 * matrix.shape[0] * matrix.shape[1]
+    return dense_bytes <= min(8 * matrix.nnz, DENSE_LIMIT_BYTES)
+
+
 class CountMatrix:
     """A cells × features count matrix on a device, dense or CSR, with row gathers.
 
     Parameters
     ----------
     matrix
-        numpy array or scipy sparse matrix (CSC is converted to CSR once).
+        numpy array or scipy sparse matrix (CSC is converted to CSR once; a sparse matrix
+        with at least half its entries non-zero is held dense, :func:`dense_is_smaller`).
     device
         Where the tensors live.
 
@@ -87,6 +100,11 @@ class CountMatrix:
     def __init__(self, matrix, device: torch.device | str = "cpu"):
         self.shape = tuple(matrix.shape)
         self.device = torch.device(device)
+        if sp.issparse(matrix) and dense_is_smaller(matrix):
+            # Most entries non-zero (deeply sequenced cells): the dense matrix takes no more
+            # memory than the CSR arrays, and a row gather is one index_select instead of
+            # index arithmetic over every non-zero.
+            matrix = matrix.astype(np.float32).toarray()
         if sp.issparse(matrix):
             csr = matrix.tocsr() if matrix.format != "csr" else matrix
             if not csr.has_canonical_format:

@@ -12,7 +12,8 @@ backward pass is one multiplication per parameter (for a per-gene parameter unde
 per-cell gradient of a sum over genes, a matrix-vector product).
 
 The caller chooses the evaluation with ``method`` (:data:`METHODS`; ``"auto"`` is
-``"tables"`` on the CPU and ``"dense"`` elsewhere, :func:`default_method`):
+``"tables"`` or ``"dense-tables"`` on the CPU, by the share of non-zero counts, and
+``"dense"`` elsewhere, :func:`default_method`):
 
 - ``"dense"``: the terms that vanish at ``x = 0`` (lgamma, digamma) at every entry, with
   ``where`` choosing Stirling's series where ``theta`` is large: no index search, so the
@@ -24,6 +25,11 @@ The caller chooses the evaluation with ``method`` (:data:`METHODS`; ``"auto"`` i
   below ``_TABLE_COUNTS`` (most of them in single-cell data) read their lgamma and
   digamma differences from per-gene tables summed in float64, so that lgamma and digamma
   run only at the few larger counts.
+- ``"dense-tables"``: where ``theta`` is one value per gene, every entry reads the
+  per-gene tables (:mod:`pyrovi.distributions._count_tables`), with nothing gathered or
+  scattered: faster than ``"tables"`` when most counts are non-zero. Where it does not
+  apply (a mean of exactly 0, non-integer counts, ``theta`` not per gene) it is
+  ``"tables"``.
 
 Every entry gets the log-probability of a zero count, ``log p0 = -theta * log1p(mu / theta)``.
 Functions of ``theta`` alone are computed once per gene. Derivatives (with
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 from pyrovi._nonzero_positions import NonzeroPositions
+from pyrovi.distributions._count_tables import dense_table_terms, rising_factorial_tables
 from pyrovi.distributions._functional import (
     THETA_SWITCH,
     _stirling_rising_excess,
@@ -82,7 +89,7 @@ def _stirling_terms(x, mu, theta, lgamma_x1, x_log_mu, with_grads: bool):
 
 
 #: Evaluation methods of the log-densities (see the module docstring).
-METHODS = ("auto", "tables", "gather", "dense")
+METHODS = ("auto", "tables", "dense-tables", "gather", "dense")
 
 # Module-level caches. Both hold constants that depend only on their key (a dtype and
 # device, a table size and device), built on first use and kept for the life of the
@@ -169,40 +176,6 @@ def _nonzero_terms_and_derivatives(
 _TABLE_COUNTS = 16
 
 
-def _rising_factorial_tables(theta: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per gene and count ``k < size``: ``lgamma(theta + k) - lgamma(theta) - k log(theta)
-    - lgamma(k + 1)`` and ``digamma(theta + k) - digamma(theta) - k / theta``, shape
-    ``(genes, size)``.
-
-    Summed term by term in float64, ``log1p(j / theta)`` and ``-j / (theta (theta + j))``
-    for ``j < k``: exact for every ``theta``, with none of the cancellation of the lgamma
-    and digamma differences at large ``theta`` (where the second is about
-    ``-k**2 / (2 theta**2)``).
-    """
-    t = theta.reshape(-1, 1).double()
-    j, log_factorial = _count_table_constants(size, theta.device)
-    rising = torch.empty(t.shape[0], size, dtype=torch.float64, device=theta.device)
-    d_rising = torch.empty_like(rising)
-    rising[:, 0] = 0.0
-    d_rising[:, 0] = 0.0
-    torch.cumsum(torch.log1p(j / t), 1, out=rising[:, 1:])
-    torch.cumsum((j / (t * (t + j))).neg_(), 1, out=d_rising[:, 1:])
-    return rising.sub_(log_factorial).to(theta.dtype), d_rising.to(theta.dtype)
-
-
-_count_table_constant_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _count_table_constants(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``j = 0 .. size - 2`` and ``lgamma(k + 1)`` for ``k < size`` (float64), cached."""
-    key = (size, device)
-    if key not in _count_table_constant_cache:
-        j = torch.arange(size - 1, dtype=torch.float64, device=device)
-        k = torch.arange(size, dtype=torch.float64, device=device)
-        _count_table_constant_cache[key] = (j, torch.lgamma(k + 1.0))
-    return _count_table_constant_cache[key]
-
-
 def _uses_count_tables(positions: _ZeroTermPositions, theta: torch.Tensor) -> bool:
     """Whether the table path applies: gathered non-zeros, one ``theta`` per gene, and
     enough non-zero counts to pay for tables of ``genes x _TABLE_COUNTS`` entries."""
@@ -233,7 +206,7 @@ def _small_count_terms(
     ``counts`` is ``x`` as int64 (integer counts only), ``log1p_ratio`` is
     ``log1p(mu / theta)`` at the same entries and ``columns`` their genes. With ``R(k) =
     lgamma(theta + k) - lgamma(theta) - k log(theta) - lgamma(k + 1)`` and ``D(k)`` the
-    derivative of its first three terms in ``theta`` (:func:`_rising_factorial_tables`)::
+    derivative of its first three terms in ``theta`` (:func:`~pyrovi.distributions._count_tables.rising_factorial_tables`)::
 
         log p(x)  = R(x) + x log(mu) - (x + theta) log1p(mu / theta)
         dE/dtheta = D(x) + x mu / (theta (theta + mu))
@@ -244,7 +217,7 @@ def _small_count_terms(
     """
     size = _TABLE_COUNTS
     theta_per_gene = theta_per_gene.reshape(-1)
-    rising, d_rising = _rising_factorial_tables(theta_per_gene, size)
+    rising, d_rising = rising_factorial_tables(theta_per_gene, size)
     index = columns * size + counts.clamp(max=size - 1)
     theta = theta_per_gene.index_select(0, columns)
     possible = mu > 0
@@ -290,15 +263,45 @@ def _gather_flat(
     return t.expand(shape).reshape(-1).index_select(0, flat)
 
 
-def default_method(x: torch.Tensor) -> str:
-    """The evaluation ``method="auto"`` stands for: ``"tables"`` on the CPU, else ``"dense"``.
+#: Share of non-zero counts above which ``"auto"`` evaluates every entry on the CPU.
+DENSE_SHARE = 0.35
 
-    On the CPU the terms that vanish at zero are evaluated at the gathered non-zero counts
-    (it saves their lgamma/digamma work at every zero). On accelerators the elementwise
-    work is cheap and finding the non-zeros would make the host wait for the device at
-    every step, so every entry is evaluated instead.
+
+def default_method(x: torch.Tensor, nonzero: NonzeroPositions | None = None) -> str:
+    """The evaluation ``method="auto"`` stands for.
+
+    On the CPU, ``"tables"``: the terms that vanish at zero are evaluated at the gathered
+    non-zero counts (it saves their work at every zero), unless more than
+    :data:`DENSE_SHARE` of the counts are non-zero, where gathering and scattering cost
+    more than they save and ``"dense-tables"`` reads the tables at every entry. On
+    accelerators, ``"dense"``: the elementwise work is cheap, and finding the non-zeros
+    would make the host wait for the device at every step.
+
+    Parameters
+    ----------
+    x
+        The counts.
+    nonzero
+        Their non-zero positions, when known (saves counting them).
+
+    Returns
+    -------
+    str
+        One of :data:`METHODS` other than ``"auto"``.
     """
-    return "tables" if x.device.type == "cpu" else "dense"
+    if x.device.type != "cpu":
+        return "dense"
+    n_nonzero = nonzero.flat.numel() if nonzero is not None else int(torch.count_nonzero(x))
+    return "dense-tables" if n_nonzero > DENSE_SHARE * x.numel() else "tables"
+
+
+def _large_count_terms(x, mu, theta, with_grads: bool):
+    """``E = log p(x) - log p(0)`` and ``dE/dtheta`` at gathered counts, one theta each."""
+    small = theta.clamp(max=THETA_SWITCH)
+    value, _, d_theta = _nonzero_terms_and_derivatives(
+        x, mu, theta, torch.lgamma(small), torch.digamma(small) if with_grads else None,
+        with_grads)
+    return value, d_theta
 
 
 def _derivatives_of_zero_terms(ratio, log1p_ratio, weight, zi_logits, softplus_logits):
@@ -392,6 +395,11 @@ def _log_prob_and_derivatives(
     Returns the value and ``(d_mu, d_theta, d_zi_logits)`` (``None`` where not computed),
     all of the full shape.
     """
+    if method == "dense-tables":
+        result = dense_table_terms(x, mu, theta, zi_logits, with_grads, _large_count_terms)
+        if result is not None:
+            return result
+        method = "tables"
     theta_small = theta.clamp(max=THETA_SWITCH)
     lgamma_theta = torch.lgamma(theta_small)
     digamma_theta = torch.digamma(theta_small) if with_grads else None
@@ -510,7 +518,7 @@ def log_count(
     zi_logits = rest[0] if rest else None
     x = x.to(mu.dtype)
     if method == "auto":
-        method = default_method(x)
+        method = default_method(x, known)
     if x.dim() == 0:  # the index arithmetic below wants at least one dimension
         one = log_count(x.reshape(1), mu.reshape(1), theta.reshape(1),
                         None if zi_logits is None else zi_logits.reshape(1), method)

@@ -20,6 +20,7 @@ from pyrovi.data import (
     get_registry,
 )
 from pyrovi.data.csr import gather_csr_rows
+from pyrovi.data.tensors import dense_is_smaller
 
 
 def snapshot(adata):
@@ -154,13 +155,20 @@ def test_unregistered_adata_and_wrong_model(small_adata):
         pyrovi.SCVI(small_adata)
 
 
-@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense", "mostly-non-zero csr"])
 def test_cell_tensors_gather_matches_scipy(fmt, small_adata):
     X = small_adata.X.tocsr()
-    small_adata.X = {"csr": X, "csc": X.tocsc(), "dense": X.toarray()}[fmt]
+    if fmt != "mostly-non-zero csr":
+        X = thinned(X)
+    assert dense_is_smaller(X) == (fmt == "mostly-non-zero csr")
+    small_adata.X = {"csc": X.tocsc(), "dense": X.toarray()}.get(fmt, X)
+    before = small_adata.X.copy()
     pyrovi.SCVI.setup_anndata(small_adata, batch_key="batch", labels_key="cluster")
     data = build_cell_tensors(small_adata, get_registry(small_adata), "cpu")
-    assert data.counts.is_sparse == (fmt != "dense")
+    # Sparse unless most entries are non-zero (then the dense rows take less memory).
+    assert data.counts.is_sparse == (fmt in ("csr", "csc"))
+    assert type(small_adata.X) is type(before)  # the user's matrix is left as it was
+    assert (abs(small_adata.X - before)).sum() == 0
     index = torch.tensor([0, 299, 17, 17, 150])
     batch = data.minibatch(index)
     np.testing.assert_array_equal(batch["x"].numpy(), X[index.numpy()].toarray())
@@ -223,8 +231,18 @@ def test_cpu_gather_records_nonzero_positions_and_matches_the_device_path():
     assert batch["x_nonzero"].describe(batch["x"])
 
 
+def thinned(X) -> sp.csr_matrix:
+    """``X`` with a fifth of its non-zero entries kept: sparse enough to stay CSR."""
+    X = sp.csr_matrix(X.multiply(np.random.default_rng(0).random(X.shape) < 0.2))
+    X.eliminate_zeros()
+    assert not dense_is_smaller(X)
+    return X
+
+
 def test_training_and_embedding_never_densify_the_whole_matrix(small_adata, monkeypatch):
-    small_adata.X = sp.csr_matrix(small_adata.X)
+    # A matrix with most entries non-zero is held dense on purpose (it takes less memory);
+    # a sparse one never is.
+    small_adata.X = thinned(small_adata.X)
     n_cells = small_adata.n_obs
 
     def guarded(original):
@@ -290,7 +308,7 @@ def test_nonzero_positions_reach_only_models_that_take_them():
     # argument gets the minibatch without it, one with it (or **kwargs) gets it.
     from pyrovi.data import ArrayTensors, call_arguments
 
-    data = ArrayTensors({"x": sp.random(6, 4, density=0.5, format="csr", random_state=0),
+    data = ArrayTensors({"x": sp.random(6, 4, density=0.25, format="csr", random_state=0),
                          "g": np.arange(6)})
     batch = data.minibatch(torch.tensor([1, 3]))
     assert batch["x_nonzero"].describe(batch["x"])

@@ -73,12 +73,13 @@ class EvaluationPath:
                 Poisson(mu, **kwargs)]
 
 
-@pytest.fixture(params=["tables", "gather", "known", "dense"])
+@pytest.fixture(params=["tables", "dense-tables", "gather", "known", "dense"])
 def evaluation_path(request):
     """Every way of evaluating the NB terms, chosen by ``method=``: per-gene count tables
-    and non-zero counts found by search (the CPU default), at the non-zero positions a
-    loader recorded (every count tensor is given its positions), at every entry (the
-    accelerator default)."""
+    at the non-zero counts found by search (the CPU default for sparse counts) or at every
+    entry (for dense counts; where a mean is 0 it is the former), lgamma at the non-zero
+    counts, at the non-zero positions a loader recorded (every count tensor is given its
+    positions), at every entry (the accelerator default)."""
     return EvaluationPath(request.param)
 
 
@@ -700,6 +701,59 @@ def test_count_tables_match_the_direct_terms(zero_inflated):
     # The theta gradient (summed over cells) where float32 cancellation used to bite.
     np.testing.assert_allclose(tables32[2].double().numpy(), tables[2].numpy(),
                                rtol=2e-3, atol=1e-3 * float(tables[2].abs().max()))
+
+
+@pytest.mark.parametrize("zero_inflated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dense_tables_match_the_gathered_evaluation(zero_inflated, dtype, monkeypatch):
+    # Reading the tables at every entry (zeros included, counts >= 64 by lgamma/Stirling)
+    # gives the gathered evaluation's value and gradients; in float32 to float32 accuracy.
+    x, mu, theta, logits = count_table_grid(torch.float64)
+    x[:5, :5] = 64.0  # the first count above the dense tables
+    runs = []
+    dense_table_terms = _fast_nb.dense_table_terms
+    monkeypatch.setattr(_fast_nb, "dense_table_terms",
+                        lambda *a: runs.append(dense_table_terms(*a)) or runs[-1])
+    make = ZeroInflatedNegativeBinomial if zero_inflated else NegativeBinomial
+    params = [mu, theta, logits] if zero_inflated else [mu, theta]
+
+    def value_and_grads(method, dtype):
+        leaves = [p.detach().to(dtype).requires_grad_() for p in params]
+        value = make(*leaves, method=method).log_prob(x.to(dtype))
+        return [value.detach().double(),
+                *(g.double() for g in torch.autograd.grad(value.sum(), leaves))]
+
+    gathered = value_and_grads("gather", torch.float64)
+    dense = value_and_grads("dense-tables", dtype)
+    assert len(runs) == 1 and runs[0] is not None  # not the fallback
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
+    for a, b in zip(dense, gathered, strict=True):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max()))
+
+
+def test_dense_tables_fall_back_where_a_mean_is_zero_or_counts_are_not_integers():
+    x, mu, theta, logits = count_table_grid(torch.float64)
+    assert _fast_nb.dense_table_terms(x, mu, theta, logits, True,
+                                      _fast_nb._large_count_terms) is not None
+    mu_zero = mu.clone()
+    mu_zero[0, 0] = 0.0
+    halves = x.clone()
+    halves[0, 0] = 2.5
+    for counts, means in ((x, mu_zero), (halves, mu)):
+        assert _fast_nb.dense_table_terms(counts, means, theta, logits, True,
+                                          _fast_nb._large_count_terms) is None
+        fallback = log_zinb_positive(counts, means, theta, logits, method="dense-tables")
+        torch.testing.assert_close(
+            fallback, log_zinb_positive(counts, means, theta, logits, method="gather"))
+
+
+def test_auto_reads_the_tables_at_every_entry_when_most_counts_are_non_zero():
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.poisson(torch.full((20, 30), 5.0), generator=gen)
+    sparse = dense * (torch.rand(20, 30, generator=gen) < 0.1)
+    assert _fast_nb.default_method(dense) == "dense-tables"
+    assert _fast_nb.default_method(sparse) == "tables"
+    assert _fast_nb.default_method(sparse, recorded(sparse)) == "tables"
 
 
 def test_non_integer_counts_do_not_use_the_count_tables():

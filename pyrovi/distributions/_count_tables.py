@@ -1,0 +1,179 @@
+"""Per-gene tables of the NB's count terms, and the NB/ZINB evaluated from them at every entry.
+
+With one ``theta`` per gene, the terms of the negative binomial that depend on the count
+``k`` and ``theta`` together (``lgamma(theta + k) - lgamma(theta)`` and its derivative)
+take one value per gene and count: for the small counts that make up most of single-cell
+data they are read from a ``(counts, genes)`` table built once per evaluation, and
+lgamma/digamma run only at the few larger counts.
+
+:mod:`pyrovi.distributions._fast_nb` reads the tables at the gathered non-zero counts
+(``method="tables"``, best for sparse minibatches). :func:`dense_table_terms` reads them
+at every entry (``method="dense-tables"``): with most counts non-zero, as in deeply
+sequenced data, gathering the non-zeros and scattering results back costs more than it
+saves. It computes the value and the elementwise derivatives together, with as few
+``(cells, genes)`` temporaries as it can (each costs a pass through memory), and falls back
+(returns ``None``) where its closed forms need care: a mean of exactly 0 or non-integer
+counts.
+
+With ``r = mu / theta``, ``L = log1p(r)``, ``log p0 = -theta L`` (the log-probability of a
+zero) and the table entries ``R(k) = lgamma(theta + k) - lgamma(theta) - k log(theta) -
+lgamma(k + 1)``, ``D(k) = dR/dtheta``::
+
+    log NB(x)  = log p0 + E,   E = R(x) + x (log mu - L)       (E = 0 at x = 0)
+    dE/dmu     = x / (mu (1 + r))
+    dE/dtheta  = D(x) + x r / (theta (1 + r))
+
+and for the ZINB with gate logits ``l`` (``z`` = 1 at zero counts, ``w`` = the share of a
+zero the NB explains, 1 at non-zero counts)::
+
+    log p      = (1 - z) log NB(x) + z logaddexp(l, log p0) - softplus(l)
+    w          = 1 - z + z exp(log p0 - logaddexp(l, log p0))
+    d/d l      = exp(-softplus(l)) - w
+    d/d mu     = (x / mu - w) / (1 + r)
+    d/d theta  = w (r / (1 + r) - L) + dE/dtheta
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Counts below this read the dense evaluation's tables; larger ones take lgamma/digamma.
+DENSE_TABLE_COUNTS = 64
+
+_constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _table_constants(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``j = 0 .. size - 2`` and ``lgamma(k + 1)`` for ``k < size`` (float64), cached."""
+    key = (size, device)
+    if key not in _constants:
+        j = torch.arange(size - 1, dtype=torch.float64, device=device)
+        k = torch.arange(size, dtype=torch.float64, device=device)
+        _constants[key] = (j, torch.lgamma(k + 1.0))
+    return _constants[key]
+
+
+def rising_factorial_tables(theta: torch.Tensor, size: int,
+                            counts_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R(k)`` and ``D(k)`` (see the module docstring) for every gene and count ``k < size``.
+
+    Summed term by term in float64, ``log1p(j / theta)`` and ``-j / (theta (theta + j))``
+    for ``j < k``: exact for every ``theta``, with none of the cancellation of the lgamma
+    and digamma differences at large ``theta`` (where ``D(k)`` is about
+    ``-k**2 / (2 theta**2)``).
+
+    Parameters
+    ----------
+    theta
+        One inverse dispersion per gene (any shape, ``G`` values).
+    size
+        Number of counts, ``0 .. size - 1``.
+    counts_first
+        Shape ``(size, G)`` instead of ``(G, size)``.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``R`` and ``D`` in ``theta``'s dtype.
+    """
+    t = theta.reshape(1, -1).double()
+    j, log_factorial = _table_constants(size, theta.device)
+    j = j.unsqueeze(1)
+    rising = torch.empty(size, t.shape[1], dtype=torch.float64, device=theta.device)
+    d_rising = torch.empty_like(rising)
+    rising[0] = 0.0
+    d_rising[0] = 0.0
+    torch.cumsum(torch.log1p(j / t), 0, out=rising[1:])
+    torch.cumsum((j / (t * (t + j))).neg_(), 0, out=d_rising[1:])
+    rising.sub_(log_factorial.unsqueeze(1))
+    if not counts_first:
+        rising, d_rising = rising.t(), d_rising.t()
+    return rising.to(theta.dtype).contiguous(), d_rising.to(theta.dtype).contiguous()
+
+
+def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
+    """NB (``zi_logits=None``) or ZINB log-density and its derivatives at every entry.
+
+    Parameters
+    ----------
+    x
+        Counts, ``(..., G)``.
+    mu
+        Means, of ``x``'s shape.
+    theta
+        One inverse dispersion per gene (``G`` values).
+    zi_logits
+        Gate logits of ``x``'s shape, or ``None``.
+    with_grads
+        Also return ``(d_mu, d_theta, d_zi_logits)``.
+    large_terms
+        ``large_terms(x, mu, theta, with_grads)`` -> ``(E, dE/dtheta)`` at gathered entries
+        (the lgamma/digamma/Stirling evaluation of the caller), for counts of
+        :data:`DENSE_TABLE_COUNTS` or more.
+
+    Returns
+    -------
+    tuple or None
+        ``(value, (d_mu, d_theta, d_zi_logits))`` (derivatives ``None`` without
+        ``with_grads``, ``d_zi_logits`` ``None`` for the NB), all of ``x``'s shape; ``None``
+        where this evaluation does not apply (a mean of 0, non-integer counts).
+    """
+    n_genes = x.shape[-1]
+    if theta.numel() != n_genes or x.dim() == 0 or x.numel() == 0:
+        return None
+    counts = x.long()
+    if not bool(mu.min() > 0) or not torch.equal(counts.to(x.dtype), x):
+        return None
+    size = DENSE_TABLE_COUNTS
+    theta_row = theta.reshape(1, n_genes)
+    rising, d_rising = rising_factorial_tables(theta_row, size, counts_first=True)
+    shape = x.shape
+    x, mu = x.reshape(-1, n_genes), mu.reshape(-1, n_genes)
+    large = torch.nonzero(x.reshape(-1) >= size).squeeze(1)
+    index = counts.reshape(-1, n_genes).clamp_(max=size - 1)
+    ratio = mu / theta_row
+    log1p_ratio = torch.log1p(ratio)
+    extra = torch.gather(rising, 0, index)
+    extra.add_(mu.log().sub_(log1p_ratio).mul_(x))
+    d_extra_theta = q = None
+    if with_grads:
+        inv_one_plus = ratio.add(1.0).reciprocal_()
+        q = ratio.mul_(inv_one_plus)  # r / (1 + r), in place of r
+        d_extra_theta = torch.gather(d_rising, 0, index).addcmul_(x, q / theta_row)
+    if large.numel():
+        genes = large % n_genes
+        value_large, d_theta_large = large_terms(
+            x.reshape(-1).index_select(0, large), mu.reshape(-1).index_select(0, large),
+            theta_row.reshape(-1).index_select(0, genes), with_grads)
+        extra.view(-1).index_copy_(0, large, value_large)
+        if with_grads:
+            d_extra_theta.view(-1).index_copy_(0, large, d_theta_large)
+    log_p0 = log1p_ratio * theta_row.neg()
+    value = extra.add_(log_p0)  # log NB(x)
+    weight = d_logits = None
+    if zi_logits is not None:
+        zi_logits = zi_logits.reshape(-1, n_genes)
+        nonzero = x.clamp(max=1.0)
+        zero = nonzero.neg().add_(1.0)
+        at_zero = torch.logaddexp(zi_logits, log_p0)
+        softplus_logits = F.softplus(zi_logits)
+        # Blended by products, not lerp: a very negative log p0 would cancel in lerp's sum.
+        if with_grads:
+            weight = log_p0.sub_(at_zero).exp_().mul_(zero).add_(nonzero)
+            d_logits = softplus_logits.neg().exp_().sub_(weight)
+        value.mul_(nonzero).addcmul_(at_zero, zero).sub_(softplus_logits)
+    if not with_grads:
+        return value.reshape(shape), (None, None, None)
+    d_mu = torch.div(x, mu)
+    d_theta = q.sub_(log1p_ratio)
+    if weight is None:
+        d_mu.sub_(1.0)
+    else:
+        d_mu.sub_(weight)
+        d_theta.mul_(weight)
+    d_mu.mul_(inv_one_plus)
+    d_theta.add_(d_extra_theta)
+    derivatives = (d_mu, d_theta, d_logits)
+    return value.reshape(shape), tuple(None if d is None else d.reshape(shape)
+                                       for d in derivatives)
