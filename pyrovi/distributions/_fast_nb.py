@@ -206,7 +206,7 @@ def _small_count_terms(
     ``counts`` is ``x`` as int64 (integer counts only), ``log1p_ratio`` is
     ``log1p(mu / theta)`` at the same entries and ``columns`` their genes. With ``R(k) =
     lgamma(theta + k) - lgamma(theta) - k log(theta) - lgamma(k + 1)`` and ``D(k)`` the
-    derivative of its first three terms in ``theta`` (:func:`~pyrovi.distributions._count_tables.rising_factorial_tables`)::
+    derivative of its first three terms in ``theta`` (:func:`rising_factorial_tables`)::
 
         log p(x)  = R(x) + x log(mu) - (x + theta) log1p(mu / theta)
         dE/dtheta = D(x) + x mu / (theta (theta + mu))
