@@ -77,19 +77,19 @@ def rising_factorial_tables(theta: torch.Tensor, size: int,
     tuple of torch.Tensor
         ``R`` and ``D`` in ``theta``'s dtype.
     """
-    t = theta.reshape(1, -1).double()
+    dim = 0 if counts_first else 1  # the counts' dimension
+    t = theta.reshape(-1).double().unsqueeze(dim)
     j, log_factorial = _table_constants(size, theta.device)
-    j = j.unsqueeze(1)
-    rising = torch.empty(size, t.shape[1], dtype=torch.float64, device=theta.device)
+    j, log_factorial = j.unsqueeze(1 - dim), log_factorial.unsqueeze(1 - dim)
+    shape = (size, t.numel()) if counts_first else (t.numel(), size)
+    rising = torch.empty(shape, dtype=torch.float64, device=theta.device)
     d_rising = torch.empty_like(rising)
-    rising[0] = 0.0
-    d_rising[0] = 0.0
-    torch.cumsum(torch.log1p(j / t), 0, out=rising[1:])
-    torch.cumsum((j / (t * (t + j))).neg_(), 0, out=d_rising[1:])
-    rising.sub_(log_factorial.unsqueeze(1))
-    if not counts_first:
-        rising, d_rising = rising.t(), d_rising.t()
-    return rising.to(theta.dtype).contiguous(), d_rising.to(theta.dtype).contiguous()
+    rising.narrow(dim, 0, 1).zero_()
+    d_rising.narrow(dim, 0, 1).zero_()
+    torch.cumsum(torch.log1p(j / t), dim, out=rising.narrow(dim, 1, size - 1))
+    torch.cumsum((j / (t * (t + j))).neg_(), dim, out=d_rising.narrow(dim, 1, size - 1))
+    rising.sub_(log_factorial)
+    return rising.to(theta.dtype), d_rising.to(theta.dtype)
 
 
 def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
