@@ -122,8 +122,11 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     n_genes = x.shape[-1]
     if theta.numel() != n_genes or x.dim() == 0 or x.numel() == 0:
         return None
-    counts = x.long()
-    if not bool(mu.min() > 0) or not torch.equal(counts.to(x.dtype), x):
+    # int32 (converting to it is a few times faster than to int64; index_select takes it),
+    # so counts of 2**31 or more do not round-trip and fall back with non-integer ones.
+    counts = x.int()
+    if not bool(mu.min() > 0) or not bool(counts.min() >= 0) or \
+            not torch.equal(counts.to(x.dtype), x):
         return None
     size = DENSE_TABLE_COUNTS
     theta_row = theta.reshape(1, n_genes)
@@ -131,16 +134,19 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     shape = x.shape
     x, mu = x.reshape(-1, n_genes), mu.reshape(-1, n_genes)
     large = torch.nonzero(x.reshape(-1) >= size).squeeze(1)
-    index = counts.reshape(-1, n_genes).clamp_(max=size - 1)
+    # Position in the flattened (counts, genes) tables.
+    index = counts.reshape(-1).clamp_(max=size - 1).view(-1, n_genes).mul_(n_genes).add_(
+        torch.arange(n_genes, dtype=torch.int32, device=x.device)).view(-1)
     ratio = mu / theta_row
     log1p_ratio = torch.log1p(ratio)
-    extra = torch.gather(rising, 0, index)
+    extra = rising.view(-1).index_select(0, index).view_as(x)
     extra.add_(mu.log().sub_(log1p_ratio).mul_(x))
     d_extra_theta = q = None
     if with_grads:
         inv_one_plus = ratio.add(1.0).reciprocal_()
         q = ratio.mul_(inv_one_plus)  # r / (1 + r), in place of r
-        d_extra_theta = torch.gather(d_rising, 0, index).addcmul_(x, q / theta_row)
+        d_extra_theta = d_rising.view(-1).index_select(0, index).view_as(x).addcmul_(
+            x, q / theta_row)
     if large.numel():
         genes = large % n_genes
         value_large, d_theta_large = large_terms(
@@ -154,15 +160,19 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     weight = d_logits = None
     if zi_logits is not None:
         zi_logits = zi_logits.reshape(-1, n_genes)
-        nonzero = x.clamp(max=1.0)
-        zero = nonzero.neg().add_(1.0)
+        nonzero = x.clamp(max=1.0)  # 1 at non-zero counts, 0 at zeros
         at_zero = torch.logaddexp(zi_logits, log_p0)
         softplus_logits = F.softplus(zi_logits)
-        # Blended by products, not lerp: a very negative log p0 would cancel in lerp's sum.
+        # Blended by products with the 0/1 mask, exact where either side is 0 (a lerp's
+        # sum would cancel where log p0 is very negative): t - t * nonzero is t at zeros
+        # and exactly 0 elsewhere.
         if with_grads:
-            weight = log_p0.sub_(at_zero).exp_().mul_(zero).add_(nonzero)
-            d_logits = softplus_logits.neg().exp_().sub_(weight)
-        value.mul_(nonzero).addcmul_(at_zero, zero).sub_(softplus_logits)
+            weight = log_p0.sub_(at_zero).exp_()  # log p0 is not needed any more
+            weight.addcmul_(weight, nonzero, value=-1.0).add_(nonzero)
+        at_zero.addcmul_(at_zero, nonzero, value=-1.0)
+        value.mul_(nonzero).add_(at_zero).sub_(softplus_logits)
+        if with_grads:
+            d_logits = softplus_logits.neg_().exp_().sub_(weight)
     if not with_grads:
         return value.reshape(shape), (None, None, None)
     d_mu = torch.div(x, mu)
