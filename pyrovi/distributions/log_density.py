@@ -124,8 +124,9 @@ def log_nb_positive(
     theta
         Inverse dispersion, ``theta > 0``.
     method
-        How to evaluate it: ``"auto"`` (``"tables"`` on the CPU, ``"dense"`` elsewhere),
-        ``"tables"``, ``"gather"``, ``"dense"`` (:mod:`pyrovi.distributions._fast_nb`), or
+        How to evaluate it: ``"auto"`` (on the CPU ``"tables"``, or ``"dense-tables"``
+        where most counts are non-zero; ``"dense"`` elsewhere), ``"tables"``,
+        ``"dense-tables"``, ``"gather"``, ``"dense"`` (:mod:`pyrovi.distributions._fast_nb`), or
         ``"reference"`` (:func:`nb_log_prob`). The fast ones agree to rounding.
     nonzero
         The non-zero entries of ``x`` when known (a minibatch's ``x_nonzero``), used by
