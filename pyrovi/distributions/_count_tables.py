@@ -117,11 +117,12 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     tuple or None
         ``(value, (d_mu, d_theta, d_zi_logits))`` (derivatives ``None`` without
         ``with_grads``, ``d_zi_logits`` ``None`` for the NB), all of ``x``'s shape; ``None``
-        where this evaluation does not apply (a mean of 0, non-integer counts).
+        where this evaluation does not apply (a mean of 0, counts that are not integers in
+        ``[0, 2**31)``, ``theta`` not one value per gene).
     """
-    n_genes = x.shape[-1]
-    if theta.numel() != n_genes or x.dim() == 0 or x.numel() == 0:
+    if x.dim() == 0 or x.numel() == 0 or theta.numel() != x.shape[-1]:
         return None
+    n_genes = x.shape[-1]
     # int32 (converting to it is a few times faster than to int64; index_select takes it),
     # so counts of 2**31 or more do not round-trip and fall back with non-integer ones.
     counts = x.int()
