@@ -115,6 +115,7 @@ def _quality(model, fit, held_out, labels_key) -> dict:
 
 
 def setup_options(kind: str) -> dict:
+    """``setup_anndata`` arguments beyond the batch key, the same in both libraries."""
     return {"protein_expression_obsm_key": "protein_expression"} if kind == "TOTALVI" else {}
 
 

@@ -145,10 +145,6 @@ def resolve_run(
         if callable(steps_warmup):
             steps_warmup = steps_warmup(n_cells)
     plan = {k: v for k, v in defaults.plan.items() if k not in options}
-    if lr is not None and max_epochs is None and converging is not fixed:
-        # A rate given is the rate: no schedule of pyrovi's unless asked for by name.
-        plan = {k: v for k, v in plan.items()
-                if k not in ("lr_warmup_epochs", "reduce_lr_on_plateau")}
     if batch_size is None:
         batch_size = (defaults.batch_size(n_cells) if callable(defaults.batch_size)
                       else defaults.batch_size)
