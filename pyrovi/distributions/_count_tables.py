@@ -35,20 +35,23 @@ zero the NB explains, 1 at non-zero counts)::
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 #: Counts below this read the dense evaluation's tables; larger ones take lgamma/digamma.
 DENSE_TABLE_COUNTS = 64
 
-_constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_constants: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _table_constants(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``j = 0 .. size - 2`` and ``lgamma(k + 1)`` for ``k < size`` (float64), cached."""
-    key = (size, device)
+def _table_constants(size: int, dtype: torch.dtype, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``j = 0 .. size - 2`` (in ``dtype``) and ``lgamma(k + 1)`` for ``k < size``
+    (float64), cached."""
+    key = (size, dtype, device)
     if key not in _constants:
-        j = torch.arange(size - 1, dtype=torch.float64, device=device)
+        j = torch.arange(size - 1, dtype=dtype, device=device)
         k = torch.arange(size, dtype=torch.float64, device=device)
         _constants[key] = (j, torch.lgamma(k + 1.0))
     return _constants[key]
@@ -58,10 +61,13 @@ def rising_factorial_tables(theta: torch.Tensor, size: int,
                             counts_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``R(k)`` and ``D(k)`` (see the module docstring) for every gene and count ``k < size``.
 
-    Summed term by term in float64, ``log1p(j / theta)`` and ``-j / (theta (theta + j))``
-    for ``j < k``: exact for every ``theta``, with none of the cancellation of the lgamma
-    and digamma differences at large ``theta`` (where ``D(k)`` is about
-    ``-k**2 / (2 theta**2)``).
+    Summed term by term, ``log1p(j / theta)`` and ``-j / (theta (theta + j))`` for ``j < k``:
+    exact for every ``theta``, with none of the cancellation of the lgamma and digamma
+    differences at large ``theta`` (where ``D(k)`` is about ``-k**2 / (2 theta**2)``). The
+    terms are evaluated in ``theta``'s precision (float32 unless float64). ``R``'s are
+    summed in float64, so that ``lgamma(k + 1)``, which it nearly cancels at small
+    ``theta``, is taken from a sum as accurate as its terms; ``D``'s terms are all of one
+    sign, so their sum in the terms' precision is accurate to a few roundings.
 
     Parameters
     ----------
@@ -78,18 +84,30 @@ def rising_factorial_tables(theta: torch.Tensor, size: int,
         ``R`` and ``D`` in ``theta``'s dtype.
     """
     dim = 0 if counts_first else 1  # the counts' dimension
-    t = theta.reshape(-1).double().unsqueeze(dim)
-    j, log_factorial = _table_constants(size, theta.device)
+    # float32 transcendental functions are several times faster than float64 ones.
+    precision = torch.float64 if theta.dtype == torch.float64 else torch.float32
+    t = theta.reshape(-1).to(precision).unsqueeze(dim)
+    j, log_factorial = _table_constants(size, precision, theta.device)
     j, log_factorial = j.unsqueeze(1 - dim), log_factorial.unsqueeze(1 - dim)
     shape = (size, t.numel()) if counts_first else (t.numel(), size)
     rising = torch.empty(shape, dtype=torch.float64, device=theta.device)
-    d_rising = torch.empty_like(rising)
+    d_rising = torch.empty(shape, dtype=precision, device=theta.device)
     rising.narrow(dim, 0, 1).zero_()
     d_rising.narrow(dim, 0, 1).zero_()
-    torch.cumsum(torch.log1p(j / t), dim, out=rising.narrow(dim, 1, size - 1))
-    torch.cumsum((j / (t * (t + j))).neg_(), dim, out=d_rising.narrow(dim, 1, size - 1))
+    ratio = j / t
+    torch.cumsum(torch.log1p(ratio), dim, dtype=torch.float64,
+                 out=rising.narrow(dim, 1, size - 1))
+    torch.cumsum(ratio.div_(t + j).neg_(), dim, out=d_rising.narrow(dim, 1, size - 1))
     rising.sub_(log_factorial)
     return rising.to(theta.dtype), d_rising.to(theta.dtype)
+
+
+def _flat_positions_at_least(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions in the flattened ``x`` of the entries ``>= size`` (int64, ascending)."""
+    if x.device.type == "cpu":
+        # numpy finds them in about half the time of torch.nonzero on the CPU.
+        return torch.from_numpy(np.flatnonzero(x.detach().numpy() >= size))
+    return torch.nonzero(x.reshape(-1) >= size).squeeze(1)
 
 
 def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
@@ -134,7 +152,7 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     rising, d_rising = rising_factorial_tables(theta_row, size, counts_first=True)
     shape = x.shape
     x, mu = x.reshape(-1, n_genes), mu.reshape(-1, n_genes)
-    large = torch.nonzero(x.reshape(-1) >= size).squeeze(1)
+    large = _flat_positions_at_least(x, size)
     # Position in the flattened (counts, genes) tables.
     index = counts.reshape(-1).clamp_(max=size - 1).view(-1, n_genes).mul_(n_genes).add_(
         torch.arange(n_genes, dtype=torch.int32, device=x.device)).view(-1)

@@ -265,6 +265,8 @@ def _gather_flat(
 
 #: Share of non-zero counts above which ``"auto"`` evaluates every entry on the CPU.
 DENSE_SHARE = 0.35
+#: Rows of a minibatch whose non-zero share ``"auto"`` reads when their positions are unknown.
+DENSITY_SAMPLE_ROWS = 16
 
 
 def default_method(x: torch.Tensor, nonzero: NonzeroPositions | None = None) -> str:
@@ -273,7 +275,8 @@ def default_method(x: torch.Tensor, nonzero: NonzeroPositions | None = None) -> 
     On the CPU, ``"tables"``: the terms that vanish at zero are evaluated at the gathered
     non-zero counts (it saves their work at every zero), unless more than
     :data:`DENSE_SHARE` of the counts are non-zero, where gathering and scattering cost
-    more than they save and ``"dense-tables"`` reads the tables at every entry. On
+    more than they save and ``"dense-tables"`` reads the tables at every entry (without
+    known positions, the share is that of the first :data:`DENSITY_SAMPLE_ROWS` cells). On
     accelerators, ``"dense"``: the elementwise work is cheap, and finding the non-zeros
     would make the host wait for the device at every step.
 
@@ -291,8 +294,14 @@ def default_method(x: torch.Tensor, nonzero: NonzeroPositions | None = None) -> 
     """
     if x.device.type != "cpu":
         return "dense"
-    n_nonzero = nonzero.flat.numel() if nonzero is not None else int(torch.count_nonzero(x))
-    return "dense-tables" if n_nonzero > DENSE_SHARE * x.numel() else "tables"
+    if nonzero is not None:
+        share = nonzero.flat.numel() / max(x.numel(), 1)
+    else:
+        # Both evaluations are exact, so the choice is one of speed: the share among the
+        # first cells (a minibatch's come in random order) costs an eighth of a full count.
+        rows = x.reshape(-1, x.shape[-1])[:DENSITY_SAMPLE_ROWS] if x.dim() else x
+        share = int(torch.count_nonzero(rows)) / max(rows.numel(), 1)
+    return "dense-tables" if share > DENSE_SHARE else "tables"
 
 
 def _large_count_terms(x, mu, theta, with_grads: bool):
