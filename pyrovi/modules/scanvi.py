@@ -151,9 +151,7 @@ class SCANVIModule(SCVIModule):
             ``(n_cells, n_labels)``; a labelled cell's row is 0 at its label and ``-inf``
             elsewhere.
         """
-        return self._with_known_labels(self.classifier(z), labels)
-
-    def _with_known_labels(self, logits: torch.Tensor, labels: torch.Tensor | None):
+        logits = self.classifier(z)
         if labels is None:
             return logits
         known = labels < self.n_labels
@@ -176,14 +174,13 @@ class SCANVIModule(SCVIModule):
         """
         return self.classifier(self.encode(x, batch_index, cat_covs, cont_covs).z_loc)
 
-    def classification_loss(self, logits, labels, weight) -> torch.Tensor:
-        """``weight · (-log q(y_n | z1_n))`` per cell, 0 where ``weight`` is 0 or unlabelled.
+    def classification_loss(self, z_loc, labels, weight) -> torch.Tensor:
+        """``weight · (-log q(y_n | z_loc_n))`` per cell, 0 where ``weight`` is 0 or unlabelled.
 
         Parameters
         ----------
-        logits
-            The classifier's logits of each cell, ``(n_cells, n_labels)`` (in training, at
-            the posterior mean of z1).
+        z_loc
+            Posterior means of z1, ``(n_cells, n_latent)``.
         labels
             Label codes (``n_labels`` for unlabelled cells).
         weight
@@ -195,7 +192,7 @@ class SCANVIModule(SCVIModule):
             ``(n_cells,)``.
         """
         known = labels < self.n_labels
-        log_q = torch.log_softmax(logits, -1)
+        log_q = torch.log_softmax(self.classifier(z_loc), -1)
         cross_entropy = -log_q.gather(-1, labels.clamp(max=self.n_labels - 1).unsqueeze(-1))
         return torch.where(known, weight * cross_entropy.squeeze(-1), torch.zeros_like(weight))
 
@@ -232,27 +229,23 @@ class SCANVIModule(SCVIModule):
         """Amortized posterior q(z1, y, z2, l | x) for a minibatch, and the classification
         loss of its labelled cells."""
         q = self.encode(x, batch_index, cat_covs, cont_covs)
-        classifying = classification_weight is not None and labels is not None
         with cell_plate(x.shape[0]):
             # q(z1_n | x_n) = N(mu(x_n), sigma^2(x_n)), scVI's encoder
             z1 = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
             if q.library_loc is not None:
                 # q(log l_n | x_n): only when the library size is latent
                 pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
-            # The classifier at z1 (for q(y | z1)) and, to train it, at E[z1]: one pass.
-            logits = self.classifier(torch.cat([z1, q.z_loc]) if classifying else z1)
-            logits, mean_logits = logits.split(x.shape[0]) if classifying else (logits, None)
             # q(y_n | z1_n): the classifier, a point mass at a known label; enumerated
-            y = pyro.sample("y", dist.Categorical(logits=self._with_known_labels(logits, labels)),
+            y = pyro.sample("y", dist.Categorical(logits=self.label_logits(z1, labels)),
                             infer={"enumerate": "parallel"})
             # q(z2_n | z1_n, y_n): under enumeration y has shape (K, 1), so every cell meets
             # every label (the networks broadcast the label against the cells)
             pyro.sample("z2", dist.Normal(*self.z2_encoder(z1, [y])).to_event(1))
-            if classifying:
+            if classification_weight is not None and labels is not None:
                 # -w_n log q(y_n | E[z1_n]) on labelled cells: a guide term is subtracted
                 # from the ELBO, so this adds w_n log q(y_n | E[z1_n]) to the objective.
                 pyro.factor("classification",
-                            self.classification_loss(mean_logits, labels, classification_weight),
+                            self.classification_loss(q.z_loc, labels, classification_weight),
                             has_rsample=True)
 
 
