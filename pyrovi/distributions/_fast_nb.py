@@ -23,8 +23,9 @@ The caller chooses the evaluation with ``method`` (:data:`METHODS`; ``"auto"`` i
   when given), Stirling's series selected by index.
 - ``"tables"``: as ``"gather"``, and where ``theta`` is one value per gene, integer counts
   below ``_TABLE_COUNTS`` (most of them in single-cell data) read their lgamma and
-  digamma differences from per-gene tables summed in float64, so that lgamma and digamma
-  run only at the few larger counts.
+  digamma differences from per-gene tables (:func:`rising_factorial_tables`: sums of
+  terms, exact for every theta), so that lgamma and digamma run only at the few larger
+  counts.
 - ``"dense-tables"``: where ``theta`` is one value per gene, every entry reads the
   per-gene tables (:mod:`pyrovi.distributions._count_tables`), with nothing gathered or
   scattered: faster than ``"tables"`` when most counts are non-zero. Where it does not

@@ -661,8 +661,9 @@ def count_table_grid(dtype):
 
 @pytest.mark.parametrize("zero_inflated", [False, True])
 def test_count_tables_match_the_direct_terms(zero_inflated):
-    # Counts below _TABLE_COUNTS read lgamma/digamma differences from per-gene tables
-    # summed in float64: the value matches mpmath and the value and gradients the direct
+    # Counts below _TABLE_COUNTS read lgamma/digamma differences from per-gene tables (terms
+    # in the input's precision, R(k) summed in float64): the value matches mpmath and the
+    # value and gradients the direct
     # lgamma/digamma/Stirling evaluation, in float64 and (to float32 accuracy) in float32.
     x, mu, theta, logits = count_table_grid(torch.float64)
     positions = _fast_nb._ZeroTermPositions(x)
