@@ -104,18 +104,33 @@ def enumerated_log_weights(guide_trace: Trace) -> torch.Tensor | None:
     return log_weights
 
 
-def _expected(term: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
-    """A per-cell term averaged over the guide's enumerated values (shape ``(n_cells,)``).
+class _Expectation:
+    """A per-cell sum of terms, each averaged over the guide's enumerated values.
 
-    Values of zero probability are left out rather than multiplied by 0: their terms may
-    be infinite (a labelled cell's ``log q`` of any other label).
+    The terms are summed before the one weighting (an expectation is linear). Values of
+    zero probability are left out rather than multiplied by 0: their terms may be
+    infinite (a labelled cell's ``log q`` of any other label).
     """
-    if log_weights is None or term.dim() <= 1:
-        return term
-    term, log_weights = torch.broadcast_tensors(term, log_weights)
-    weights = log_weights.exp()
-    weighted = torch.where(weights > 0, weights * term, torch.zeros_like(term))
-    return weighted.reshape(-1, term.shape[-1]).sum(0)
+
+    def __init__(self, log_weights: torch.Tensor | None):
+        self.log_weights = log_weights
+        self.plain = 0.0  # the terms without an enumeration dimension
+        self.enumerated = 0.0
+
+    def add(self, term: torch.Tensor) -> None:
+        if self.log_weights is None or term.dim() <= 1:
+            self.plain = self.plain + term
+        else:
+            self.enumerated = self.enumerated + term
+
+    def per_cell(self) -> torch.Tensor | float:
+        """The sum of the expectations, shape ``(n_cells,)`` (``0.0`` without terms)."""
+        if not torch.is_tensor(self.enumerated):
+            return self.plain
+        term, log_weights = torch.broadcast_tensors(self.enumerated, self.log_weights)
+        weights = log_weights.exp()
+        weighted = weights * term.masked_fill(weights == 0, 0.0)
+        return self.plain + weighted.reshape(-1, term.shape[-1]).sum(0)
 
 
 def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerms:
@@ -128,8 +143,8 @@ def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerm
     exact in that site.
     """
     log_weights = enumerated_log_weights(guide_trace)
-    reconstruction = 0.0
-    kl = 0.0
+    log_likelihood = _Expectation(log_weights)
+    kl = _Expectation(log_weights)
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or "unscaled_log_prob" not in site:
             continue
@@ -137,10 +152,11 @@ def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerm
         if log_p is None:
             continue
         if site["is_observed"]:
-            reconstruction = reconstruction - _expected(log_p, log_weights)
+            log_likelihood.add(log_p)
         elif name in guide_trace.nodes:
-            log_q = _per_cell(guide_trace.nodes[name]["unscaled_log_prob"], n_cells)
-            kl = kl + _expected(log_q - log_p, log_weights)
+            kl.add(_per_cell(guide_trace.nodes[name]["unscaled_log_prob"], n_cells) - log_p)
+    reconstruction = -log_likelihood.per_cell()
+    kl = kl.per_cell()
     device = next(s["value"].device for s in model_trace.nodes.values() if s["type"] == "sample")
 
     def as_vector(term):
@@ -239,24 +255,30 @@ def guide_enumeration_surrogate_loss(model_trace: Trace, guide_trace: Trace) -> 
         The surrogate loss, a differentiable scalar.
     """
     weights = enumerated_log_weights(guide_trace).exp()
-    possible = weights > 0
+    elbo = 0.0  # the costs without an enumeration dimension: q(y) sums to 1
+    enumerated = 0.0  # the others, summed before the one weighting by q(y)
 
-    def expected(cost: torch.Tensor) -> torch.Tensor:
-        if cost.dim() < weights.dim():  # no enumeration dimension: q(y) sums to 1
-            return cost.sum()
-        return (weights * torch.where(possible, cost, torch.zeros_like(cost))).sum()
-
-    elbo = 0.0
     for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            elbo = elbo + expected(site["log_prob"])
+        if site["type"] != "sample":
+            continue
+        if site["log_prob"].dim() < weights.dim():
+            elbo = elbo + site["log_prob"].sum()
+        else:
+            enumerated = enumerated + site["log_prob"]
     for site in guide_trace.nodes.values():
         if site["type"] != "sample":
             continue
-        enumerated = site["infer"].get("_enumerate_dim") is not None
-        cost = site["log_prob"] if enumerated else site["score_parts"].entropy_term
-        if not is_identically_zero(cost):
-            elbo = elbo - expected(cost)
+        is_enumerated = site["infer"].get("_enumerate_dim") is not None
+        cost = site["log_prob"] if is_enumerated else site["score_parts"].entropy_term
+        if is_identically_zero(cost):
+            continue
+        if cost.dim() < weights.dim():
+            elbo = elbo - cost.sum()
+        else:
+            enumerated = enumerated - cost
+    if torch.is_tensor(enumerated):
+        enumerated, weights = torch.broadcast_tensors(enumerated, weights)
+        elbo = elbo + (weights * enumerated.masked_fill(weights == 0, 0.0)).sum()
     return -elbo
 
 
