@@ -127,10 +127,14 @@ class _Expectation:
         """The sum of the expectations, shape ``(n_cells,)`` (``0.0`` without terms)."""
         if not torch.is_tensor(self.enumerated):
             return self.plain
-        term, log_weights = torch.broadcast_tensors(self.enumerated, self.log_weights)
-        weights = log_weights.exp()
-        weighted = weights * term.masked_fill(weights == 0, 0.0)
-        return self.plain + weighted.reshape(-1, term.shape[-1]).sum(0)
+        weighted = _weighted(self.enumerated, self.log_weights.exp())
+        return self.plain + weighted.reshape(-1, weighted.shape[-1]).sum(0)
+
+
+def _weighted(term: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights * term`` (broadcast), 0 where a weight is 0 even if the term is infinite."""
+    term, weights = torch.broadcast_tensors(term, weights)
+    return weights * term.masked_fill(weights == 0, 0.0)
 
 
 def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerms:
@@ -277,8 +281,7 @@ def guide_enumeration_surrogate_loss(model_trace: Trace, guide_trace: Trace) -> 
         else:
             enumerated = enumerated - cost
     if torch.is_tensor(enumerated):
-        enumerated, weights = torch.broadcast_tensors(enumerated, weights)
-        elbo = elbo + (weights * enumerated.masked_fill(weights == 0, 0.0)).sum()
+        elbo = elbo + _weighted(enumerated, weights).sum()
     return -elbo
 
 
