@@ -12,6 +12,8 @@ between them by name:
   two-component negative binomial mixture (totalVI's background/foreground likelihood),
   with weight ``sigmoid(mixture_logits)`` on component 1.
 
+:class:`Normal` is Pyro's Gaussian with a cheaper log-density, for the latent variables.
+
 :func:`nb_log_prob` and :func:`zinb_log_prob` are the reference log-densities (the
 formulas of the papers, plain autograd); :func:`log_nb_positive` and
 :func:`log_zinb_positive` give the same numbers, numerically stable in float32 and with
@@ -30,6 +32,7 @@ from pyrovi.distributions.log_density import (
 )
 from pyrovi.distributions.nb_mixture import NegativeBinomialMixture
 from pyrovi.distributions.negative_binomial import NegativeBinomial
+from pyrovi.distributions.normal import Normal
 from pyrovi.distributions.poisson import Poisson
 from pyrovi.distributions.zero_inflated import ZeroInflatedNegativeBinomial
 
@@ -37,6 +40,7 @@ __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
     "NonzeroPositions",
+    "Normal",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
     "log_nb_positive",

@@ -39,6 +39,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovi.distributions import Normal
 from pyrovi.modules.plates import cell_plate
 from pyrovi.modules.scvi import SCVIModule
 from pyrovi.nn import FCLayers, GaussianEncoder
@@ -212,7 +213,7 @@ class SCANVIModule(SCVIModule):
             # y_n ~ Categorical(pi): a labelled cell's label, every label for an unknown one
             y = pyro.sample("y", dist.Categorical(probs=self.label_probs).expand([n_cells]))
             # z1_n | z2_n, y_n ~ N(mu(z2_n, y_n), sigma²(z2_n, y_n))
-            z1 = pyro.sample("z", dist.Normal(*self.z1_decoder(z2, [y])).to_event(1))
+            z1 = pyro.sample("z", Normal(*self.z1_decoder(z2, [y])).to_event(1))
             if self.use_observed_lib_size:
                 # l_n = log of the cell's total count (or given size factor), observed
                 log_library = self.observed_log_library(x, size_factor)
@@ -231,16 +232,16 @@ class SCANVIModule(SCVIModule):
         q = self.encode(x, batch_index, cat_covs, cont_covs)
         with cell_plate(x.shape[0]):
             # q(z1_n | x_n) = N(mu(x_n), sigma^2(x_n)), scVI's encoder
-            z1 = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            z1 = pyro.sample("z", Normal(q.z_loc, q.z_scale).to_event(1))
             if q.library_loc is not None:
                 # q(log l_n | x_n): only when the library size is latent
-                pyro.sample("library", dist.Normal(q.library_loc, q.library_scale).to_event(1))
+                pyro.sample("library", Normal(q.library_loc, q.library_scale).to_event(1))
             # q(y_n | z1_n): the classifier, a point mass at a known label; enumerated
             y = pyro.sample("y", dist.Categorical(logits=self.label_logits(z1, labels)),
                             infer={"enumerate": "parallel"})
             # q(z2_n | z1_n, y_n): under enumeration y has shape (K, 1), so every cell meets
             # every label (the networks broadcast the label against the cells)
-            pyro.sample("z2", dist.Normal(*self.z2_encoder(z1, [y])).to_event(1))
+            pyro.sample("z2", Normal(*self.z2_encoder(z1, [y])).to_event(1))
             if classification_weight is not None and labels is not None:
                 # -w_n log q(y_n | E[z1_n]) on labelled cells: a guide term is subtracted
                 # from the ELBO, so this adds w_n log q(y_n | E[z1_n]) to the objective.

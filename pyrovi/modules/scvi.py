@@ -25,6 +25,7 @@ from torch import nn
 from pyrovi.distributions import (
     NegativeBinomial,
     NonzeroPositions,
+    Normal,
     Poisson,
     ZeroInflatedNegativeBinomial,
 )
@@ -335,7 +336,7 @@ class SCVIModule(nn.Module):
 
     def library_prior(self, batch_index) -> dist.Distribution:
         """Prior of the latent log library size: its batch's empirical log-normal."""
-        return dist.Normal(
+        return Normal(
             self.library_log_means[batch_index].unsqueeze(-1),
             self.library_log_vars[batch_index].sqrt().unsqueeze(-1),
         ).to_event(1)
@@ -438,8 +439,8 @@ class SCVIModule(nn.Module):
         q = self.encode(x, batch_index, cat_covs, cont_covs)
         with cell_plate(x.shape[0]):
             # q(z_n | x_n, s_n) = N(mu(x_n, s_n), sigma^2(x_n, s_n))
-            pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            pyro.sample("z", Normal(q.z_loc, q.z_scale).to_event(1))
             if q.library_loc is not None:
                 # q(log l_n | x_n, s_n): only when the library size is latent
                 pyro.sample("library",
-                            dist.Normal(q.library_loc, q.library_scale).to_event(1))
+                            Normal(q.library_loc, q.library_scale).to_event(1))

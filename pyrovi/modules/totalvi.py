@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyrovi.distributions import NegativeBinomialMixture
+from pyrovi.distributions import NegativeBinomialMixture, Normal
 from pyrovi.modules.plates import cell_plate
 from pyrovi.modules.scvi import SCVIModule
 from pyrovi.nn import (
@@ -272,7 +272,7 @@ class TOTALVIModule(SCVIModule):
 
     def background_prior(self, batch_index) -> dist.Distribution:
         """Prior of the log background rate of each cell's proteins (its batch's)."""
-        return dist.Normal(
+        return Normal(
             self.background_prior_mean.T.index_select(0, batch_index),
             self.background_prior_log_scale.T.index_select(0, batch_index).exp(),
         )
@@ -373,15 +373,15 @@ class TOTALVIModule(SCVIModule):
         q = self.encode(x, batch_index, cat_covs, cont_covs, y=y)
         with cell_plate(x.shape[0]):
             # q(z_n | x_n, y_n, s_n): one encoder reads RNA and proteins
-            z = pyro.sample("z", dist.Normal(q.z_loc, q.z_scale).to_event(1))
+            z = pyro.sample("z", Normal(q.z_loc, q.z_scale).to_event(1))
             if q.library_loc is not None:
                 # q(log l_n | x_n, y_n, s_n): only when the library size is latent
                 pyro.sample("library",
-                            dist.Normal(q.library_loc, q.library_scale).to_event(1))
+                            Normal(q.library_loc, q.library_scale).to_event(1))
             # q(log beta_n | z_n, s_n)
             loc, scale = self.background_posterior(z, batch_index, cat_covs, cont_covs)
             pyro.sample("protein_background",
-                        self._background_site(dist.Normal(loc, scale), batch_index))
+                        self._background_site(Normal(loc, scale), batch_index))
 
 
 def _check_scvi_tools_options(gene_dispersion, deeply_inject_covariates, encode_covariates,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyrovi.distributions import Normal
+
 #: Floor on the component scales: a component that shrinks onto a single cell would make
 #: the prior density, and so the ELBO, unbounded.
 _MIN_SCALE = 1e-3
@@ -18,7 +20,7 @@ def gaussian_mixture(logits, loc, scale, n_cells: int) -> dist.MixtureSameFamily
     """Mixture of diagonal Gaussians (components on the first axis of ``loc``/``scale``),
     the same for each of ``n_cells`` cells: batch shape ``(n_cells,)``, event shape
     ``loc.shape[-1:]``."""
-    components = dist.Normal(loc, scale).to_event(1)
+    components = Normal(loc, scale).to_event(1)
     return dist.MixtureSameFamily(dist.Categorical(logits=logits), components).expand([n_cells])
 
 

@@ -6,6 +6,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovi.distributions import Normal
+
 
 class NormalPrior(nn.Module):
     """p(z) = N(0, I), the default latent prior of scVI-class models.
@@ -34,4 +36,4 @@ class NormalPrior(nn.Module):
 
     def forward(self, n_cells: int) -> dist.Distribution:
         """The prior over ``n_cells`` independent latent vectors."""
-        return dist.Normal(self.loc, self.scale).expand([n_cells, self.n_latent]).to_event(1)
+        return Normal(self.loc, self.scale).expand([n_cells, self.n_latent]).to_event(1)
