@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from pyrovi.nn import AmortizedEncoder, CovariateLinear, Dispersion, ExpressionDecoder, FCLayers
+from pyrovi.nn.fc import Dropout
 
 
 def test_covariate_linear_equals_linear_on_concatenated_one_hots():
@@ -34,6 +35,23 @@ def test_fc_layers_inject_covariates_into_every_layer_only_when_asked():
     out0 = deep(x, [torch.zeros(6, dtype=torch.long)])
     out1 = deep(x, [torch.full((6,), 2)])
     assert out0.shape == (6, 4) and not torch.allclose(out0, out1)
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    dropout = Dropout(p=0.3)
+    x = torch.ones(400, 500, requires_grad=True)
+    out = dropout(x)
+    kept = out != 0
+    # 200,000 Bernoulli(0.7) draws: the share kept is within 5 standard errors of 0.7.
+    assert abs(kept.float().mean().item() - 0.7) < 5 * (0.7 * 0.3 / kept.numel()) ** 0.5
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())  # the gradient goes through the kept units
+    # A fresh mask at every call, none in evaluation, and the FCLayers' dropout is this one.
+    assert not torch.equal(dropout(x) != 0, kept)
+    assert torch.equal(dropout.eval()(x), x)
+    assert any(isinstance(m, Dropout) for m in FCLayers(4, 3, dropout_rate=0.1).modules())
 
 
 def test_encoder_outputs_and_logistic_normal_transform():
