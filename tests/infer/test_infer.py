@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyrovi.data.tensors import shuffled_minibatches
 from pyrovi.infer import (
@@ -252,7 +252,7 @@ def test_a_pair_declaring_enumeration_trains_with_traceenum_elbo():
     is at most log p(x_n), here within 0.05 nats of it after training)."""
     from pyrovi.infer import make_elbo
 
-    assert type(make_elbo("trace", TwoClusters())).__name__ == "TraceEnum_ELBO"
+    assert isinstance(make_elbo("trace", TwoClusters()), TraceEnum_ELBO)
     generator = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(300, 1, generator=generator) - 3,
                    torch.randn(300, 1, generator=generator) + 3])
@@ -266,3 +266,37 @@ def test_a_pair_declaring_enumeration_trains_with_traceenum_elbo():
     log_evidence = mixture.log_prob(x[:, 0]).mean()
     elbo = -result.history["elbo_train"].iloc[-1]
     assert log_evidence - 0.05 < elbo <= log_evidence + 1e-3
+
+
+class ModelSideClusters(TwoClusters):
+    """TwoClusters with c_n enumerated in the model instead (the guide has no site for it):
+    the loss is -log p(x) exactly, by Pyro's tensor contraction."""
+
+    def model(self, x):
+        with cell_plate(x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=torch.zeros(2)).expand([x.shape[0]]),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(self.means[c], 1.0), obs=x[:, 0])
+
+    def guide(self, x):
+        pass
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_enumeration_the_summed_form_does_not_serve_takes_pyros_contraction(validate):
+    """Traces pyrovi takes unpacked are packed for Pyro's contraction where its own sum does
+    not apply (here a site enumerated in the model); the loss is -log p(x) in closed form,
+    and the ELBO's own Pyro methods still pack."""
+    from pyrovi.infer import make_elbo
+
+    module = ModelSideClusters()
+    x = torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
+    mixture = dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(2)),
+                                     dist.Normal(module.means.detach(), 1.0))
+    expected = -mixture.log_prob(x[:, 0]).sum()
+    elbo = make_elbo("trace", module)
+    with pyro.validation_enabled(validate):
+        loss, _ = loss_and_terms(elbo, module.model, module.guide, x=x)
+        pyros = elbo.loss(module.model, module.guide, x)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert pyros == pytest.approx(expected.item(), rel=1e-5)

@@ -8,6 +8,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
 from torch.distributions import Normal
 
 import pyrovi
@@ -89,7 +90,7 @@ def test_traceenum_loss_is_the_explicit_sum_over_labels(n_obs, kl_weight):
              "labels": torch.tensor([0, 3, 2, 3, 1, 3]),  # 3: unlabelled
              "classification_weight": torch.tensor([2.0, 0.0, 0.5, 0.0, 0.0, 0.0])}
     elbo = make_elbo("trace", module)
-    assert type(elbo).__name__ == "TraceEnum_ELBO" and elbo.max_plate_nesting == 1
+    assert isinstance(elbo, TraceEnum_ELBO) and elbo.max_plate_nesting == 1
     pyro.set_rng_seed(3)
     with MinibatchScaling(n_obs, kl_weight, warmup_sites=module.kl_warmup_sites):
         loss, terms = loss_and_terms(elbo, module.model, module.guide, **batch)
