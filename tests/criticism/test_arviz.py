@@ -232,7 +232,9 @@ def test_arviz_compare_ranks_trained_above_untrained(observed_library_models):
 def test_pointwise_log_likelihood_of_rna_and_proteins():
     from pyrovi.posterior import pointwise_log_likelihood
 
-    adata, model = small_totalvi(n_cells=200, n_proteins=6, max_epochs=10)
+    # 30 epochs: after 10, the protein log-likelihood of a draw could still reach -3,000 on
+    # some cells, and az.loo's Pareto fit of such weights returned NaN on two of three seeds.
+    adata, model = small_totalvi(n_cells=200, n_proteins=6, max_epochs=30)
     data, _, _ = model.cell_data()
     values = pointwise_log_likelihood(model.module, data, n_samples=40)
     assert set(values) == {"x", "y"}
