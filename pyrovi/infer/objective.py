@@ -34,7 +34,7 @@ from pyrovi.data.tensors import QZ_LOC_FIELD, call_arguments
 class LazyPackingTraceEnum_ELBO(TraceEnum_ELBO):  # noqa: N801 - Pyro's naming
     """Pyro's ``TraceEnum_ELBO``, whose traces :func:`loss_and_terms` may take unpacked.
 
-    ``TraceEnum_ELBO`` packs every site's tensors for its tensor contraction (about 2% of
+    ``TraceEnum_ELBO`` packs every site's tensors for its tensor contraction (about 1% of
     a scANVI training step on the CPU); :func:`guide_enumeration_surrogate_loss`, which
     serves a guide enumerating one site, reads the unpacked tensors and needs none of it.
     :meth:`unpacked_traces` hands out the traces before packing (Pyro's validation, when
