@@ -174,6 +174,48 @@ def _weighted(term: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weights * term.masked_fill(weights == 0, 0.0)
 
 
+def _model_enumerated_dims(model_trace: Trace, guide_trace: Trace) -> set[int]:
+    """The enumeration dimensions of the sites the model enumerates (not in the guide)."""
+    return {site["infer"]["_enumerate_dim"] for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and name not in guide_trace.nodes
+            and site["infer"].get("_enumerate_dim") is not None}
+
+
+def _varies_along(term: torch.Tensor, dims: set[int]) -> bool:
+    return any(term.dim() >= -dim and term.shape[dim] > 1 for dim in dims)
+
+
+class _Marginal:
+    """The model's factors that involve a site it enumerates, summed out: ``log Σ exp``
+    over those dimensions of their sum (for sites local to the cell plate, the exact
+    marginal of each cell)."""
+
+    def __init__(self, dims: set[int]):
+        self.dims = dims
+        self.total = 0.0
+        self.has_observed = False
+
+    def takes(self, term: torch.Tensor) -> bool:
+        return bool(self.dims) and _varies_along(term, self.dims)
+
+    def add(self, term: torch.Tensor, observed: bool) -> None:
+        self.total = self.total + term
+        self.has_observed = self.has_observed or observed
+
+    def log_density(self) -> torch.Tensor | None:
+        """Per cell (the guide's enumeration dimensions kept), or ``None`` without terms."""
+        if not torch.is_tensor(self.total):
+            return None
+        total = self.total
+        for dim in self.dims:
+            if total.dim() >= -dim:
+                total = total.logsumexp(dim, keepdim=True)
+        # The model allocates its dimensions left of the guide's: they lead, now of size 1.
+        while total.dim() > 1 and total.shape[0] == 1:
+            total = total.squeeze(0)
+        return total
+
+
 def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerms:
     """Per-cell reconstruction and KL from a model trace replayed against a guide trace.
 
@@ -181,21 +223,36 @@ def cell_terms(model_trace: Trace, guide_trace: Trace, n_cells: int) -> CellTerm
     call ``trace.compute_log_prob()``). Only sites inside the cell plate contribute. Where
     the guide enumerated a discrete site (``TraceEnum_ELBO``), each term is its
     expectation under the guide's probabilities of the enumerated values, so the terms are
-    exact in that site.
+    exact in that site. Where the model enumerated one (a site it has and the guide has
+    not, local to the cells), the factors that involve it are summed over its values: their
+    marginal is part of the reconstruction when an observed site is among them, else of
+    the KL (a prior such as a mixture's).
     """
     log_weights = enumerated_log_weights(guide_trace)
     log_likelihood = _Expectation(log_weights)
     kl = _Expectation(log_weights)
+    marginal = _Marginal(_model_enumerated_dims(model_trace, guide_trace))
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or "unscaled_log_prob" not in site:
             continue
         log_p = _per_cell(site["unscaled_log_prob"], n_cells)
         if log_p is None:
             continue
+        summed_out = marginal.takes(log_p)
+        if summed_out:
+            marginal.add(log_p, site["is_observed"])
         if site["is_observed"]:
-            log_likelihood.add(log_p)
+            if not summed_out:
+                log_likelihood.add(log_p)
         elif name in guide_trace.nodes:
-            kl.add(_per_cell(guide_trace.nodes[name]["unscaled_log_prob"], n_cells) - log_p)
+            log_q = _per_cell(guide_trace.nodes[name]["unscaled_log_prob"], n_cells)
+            kl.add(log_q if summed_out else log_q - log_p)
+    summed = marginal.log_density()
+    if summed is not None:
+        if marginal.has_observed:
+            log_likelihood.add(summed)
+        else:
+            kl.add(-summed)
     reconstruction = -log_likelihood.per_cell()
     kl = kl.per_cell()
     device = next(s["value"].device for s in model_trace.nodes.values() if s["type"] == "sample")
@@ -378,9 +435,28 @@ def inference_mode(module):
 
 
 @torch.no_grad()
-def evaluate_terms(model, guide, **kwargs) -> CellTerms:
-    """Per-cell terms of a single posterior sample, without gradients (for evaluation)."""
+def evaluate_terms(model, guide, max_plate_nesting: int | None = None, **kwargs) -> CellTerms:
+    """Per-cell terms of one posterior sample, without gradients (for evaluation).
+
+    Parameters
+    ----------
+    model, guide
+        The model/guide pair, called with ``**kwargs`` (a minibatch).
+    max_plate_nesting
+        For a pair that enumerates (``required_elbo = "enum"``): its plate nesting. Sites
+        marked ``infer={"enumerate": "parallel"}`` are then enumerated as in training, the
+        guide's from dimension ``-1 - max_plate_nesting`` and the model's to their left,
+        so the terms are exact in them (see :func:`cell_terms`). ``None``: every site is
+        sampled.
+
+    Returns
+    -------
+    CellTerms
+    """
     kwargs = counts_arguments(kwargs, model, guide)
+    if max_plate_nesting is not None:
+        guide = pyro.poutine.enum(guide, first_available_dim=-1 - max_plate_nesting)
+        model = pyro.poutine.enum(model)  # continues allocating left of the guide's dims
     guide_trace = pyro.poutine.trace(guide).get_trace(**kwargs)
     model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(
         **kwargs
@@ -388,3 +464,11 @@ def evaluate_terms(model, guide, **kwargs) -> CellTerms:
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     return cell_terms(model_trace, guide_trace, kwargs["x"].shape[0])
+
+
+def enumeration_nesting(module) -> int | None:
+    """The ``max_plate_nesting`` :func:`evaluate_terms` enumerates with for ``module``:
+    its own (default 1) for a pair that declares ``required_elbo = "enum"``, else ``None``."""
+    if getattr(module, "required_elbo", None) != "enum":
+        return None
+    return getattr(module, "max_plate_nesting", 1)

@@ -32,6 +32,7 @@ from pyrovi.infer.distributed import DataParallel
 from pyrovi.infer.heap import retained_heap
 from pyrovi.infer.objective import (
     CellTerms,
+    enumeration_nesting,
     evaluate_terms,
     inference_mode,
     loss_and_terms,
@@ -304,16 +305,20 @@ def evaluate_dataset(
 ) -> CellTerms:
     """Per-cell ELBO terms of ``indices`` (module in eval mode, full KL weight).
 
+    A pair that enumerates (``required_elbo = "enum"``, as scANVI) is evaluated with its
+    sites enumerated, as in training: the terms are exact in them, not one sample.
+
     Returns
     -------
     CellTerms
         Vectors over the requested cells, on the data's device.
     """
     data = as_cell_data(data)
+    nesting = enumeration_nesting(module)
     reconstruction, kl = [], []
     with inference_mode(module):
         for _, batch in data.iter_minibatches(indices, batch_size):
-            terms = evaluate_terms(module.model, module.guide, **batch)
+            terms = evaluate_terms(module.model, module.guide, nesting, **batch)
             reconstruction.append(terms.reconstruction)
             kl.append(terms.kl)
     return CellTerms(torch.cat(reconstruction), torch.cat(kl))

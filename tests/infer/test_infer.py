@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -14,6 +16,7 @@ from pyrovi.infer import (
     MinibatchScaling,
     cell_plate,
     default_max_epochs,
+    evaluate_dataset,
     fit,
     kl_scale,
     kl_weight_schedule,
@@ -300,3 +303,37 @@ def test_enumeration_the_summed_form_does_not_serve_takes_pyros_contraction(vali
         pyros = elbo.loss(module.model, module.guide, x)
     torch.testing.assert_close(loss.detach(), expected)
     assert pyros == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_terms_of_a_site_the_model_enumerates_are_each_cells_marginal():
+    """Per-cell terms (training's and evaluation's) sum the model-enumerated cluster out:
+    each cell's negative ELBO is -log p(x_n), in the reconstruction, with no KL; and the
+    history's ELBO is the training loss."""
+    from pyrovi.infer import make_elbo
+
+    module = ModelSideClusters()
+    x = torch.randn(30, 1, generator=torch.Generator().manual_seed(1))
+    mixture = dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(2)),
+                                     dist.Normal(module.means.detach(), 1.0))
+    expected = -mixture.log_prob(x[:, 0])
+    _, terms = loss_and_terms(make_elbo("trace", module), module.model, module.guide, x=x)
+    evaluated = evaluate_dataset(module, {"x": x}, None, batch_size=7)
+    for each in (terms, evaluated):
+        torch.testing.assert_close(each.reconstruction, expected)
+        torch.testing.assert_close(each.kl, torch.zeros(30))
+    history = fit(module, {"x": x}, max_epochs=3, batch_size=10, lr=0.05, seed=0,
+                  progress_bar=False, n_epochs_kl_warmup=None, train_size=1.0).history
+    np.testing.assert_allclose(history["elbo_train"], history["train_loss"], rtol=1e-5)
+
+
+def test_evaluation_enumerates_the_guides_discrete_site():
+    """The held-out terms of a pair whose guide enumerates are exact in that site (the
+    closed form sum over clusters), not one sampled cluster."""
+    module = TwoClusters()
+    x = torch.randn(25, 1, generator=torch.Generator().manual_seed(2)) * 3
+    terms = evaluate_dataset(module, {"x": x}, None, batch_size=10)
+    with torch.no_grad():
+        log_q = torch.log_softmax(module.assign(x), -1)
+        log_joint = math.log(0.5) + dist.Normal(module.means, 1.0).log_prob(x)
+        expected = (log_q.exp() * (log_q - log_joint)).sum(-1)
+    torch.testing.assert_close(terms.negative_elbo, expected)

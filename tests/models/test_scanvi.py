@@ -138,6 +138,29 @@ def test_the_summed_enumeration_is_pyros_dice_loss_with_its_gradient():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_evaluation_sums_the_labels_out_as_training_does():
+    """The held-out terms (validation ELBO, get_elbo) enumerate y as training does: with the
+    same draws of z1 and z2 they are training's per-cell terms, and one draw of y would
+    not be (a cell's label is not sampled)."""
+    from pyrovi.infer.objective import evaluate_terms
+
+    torch.manual_seed(4)
+    module = SCANVIModule(12, n_labels=3, n_hidden=8, n_latent=2).eval()
+    x = torch.poisson(torch.rand(8, 12) * 6) + 1
+    batch = {"x": x, "batch_index": torch.zeros(8, dtype=torch.long),
+             "labels": torch.tensor([0, 3, 2, 3, 1, 3, 3, 3])}
+    pyro.set_rng_seed(5)
+    _, trained = loss_and_terms(make_elbo("trace", module), module.model, module.guide,
+                                **batch)
+    pyro.set_rng_seed(5)
+    evaluated = evaluate_terms(module.model, module.guide, module.max_plate_nesting, **batch)
+    torch.testing.assert_close(evaluated.reconstruction, trained.reconstruction)
+    torch.testing.assert_close(evaluated.kl, trained.kl)
+    pyro.set_rng_seed(5)
+    sampled = evaluate_terms(module.model, module.guide, **batch)
+    assert not torch.allclose(sampled.kl, trained.kl)
+
+
 def test_a_labelled_cell_has_one_term_and_its_gradient_is_finite():
     module = SCANVIModule(12, n_labels=3, n_hidden=8, n_latent=2)
     x = torch.poisson(torch.rand(4, 12) * 6) + 1
