@@ -102,7 +102,7 @@ def rising_factorial_tables(theta: torch.Tensor, size: int,
     return rising.to(theta.dtype), d_rising.to(theta.dtype)
 
 
-def _flat_positions_at_least(x: torch.Tensor, size: int) -> torch.Tensor:
+def flat_positions_at_least(x: torch.Tensor, size: int) -> torch.Tensor:
     """Positions in the flattened ``x`` of the entries ``>= size`` (int64, ascending)."""
     if x.device.type == "cpu":
         # numpy finds them in about half the time of torch.nonzero on the CPU.
@@ -152,7 +152,7 @@ def dense_table_terms(x, mu, theta, zi_logits, with_grads: bool, large_terms):
     rising, d_rising = rising_factorial_tables(theta_row, size, counts_first=True)
     shape = x.shape
     x, mu = x.reshape(-1, n_genes), mu.reshape(-1, n_genes)
-    large = _flat_positions_at_least(x, size)
+    large = flat_positions_at_least(x, size)
     # Position in the flattened (counts, genes) tables.
     index = counts.reshape(-1).clamp_(max=size - 1).view(-1, n_genes).mul_(n_genes).add_(
         torch.arange(n_genes, dtype=torch.int32, device=x.device)).view(-1)

@@ -56,7 +56,11 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 from pyrovi._nonzero_positions import NonzeroPositions
-from pyrovi.distributions._count_tables import dense_table_terms, rising_factorial_tables
+from pyrovi.distributions._count_tables import (
+    dense_table_terms,
+    flat_positions_at_least,
+    rising_factorial_tables,
+)
 from pyrovi.distributions._functional import (
     THETA_SWITCH,
     _stirling_rising_excess,
@@ -231,7 +235,7 @@ def _small_count_terms(
         x_over_theta_mu = x / theta_mu
         d_mu = torch.where(possible, x_over_theta_mu * theta / mu, 0.0)
         d_theta = d_rising.view(-1).index_select(0, index).add_(x_over_theta_mu * mu / theta)
-    large = torch.nonzero(x >= size).squeeze(1)
+    large = flat_positions_at_least(x, size)
     if large.numel():
         genes = columns.index_select(0, large)
         large_theta = theta.index_select(0, large)

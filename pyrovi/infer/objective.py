@@ -181,10 +181,6 @@ def _model_enumerated_dims(model_trace: Trace, guide_trace: Trace) -> set[int]:
             and site["infer"].get("_enumerate_dim") is not None}
 
 
-def _varies_along(term: torch.Tensor, dims: set[int]) -> bool:
-    return any(term.dim() >= -dim and term.shape[dim] > 1 for dim in dims)
-
-
 class _Marginal:
     """The model's factors that involve a site it enumerates, summed out: ``log Σ exp``
     over those dimensions of their sum (for sites local to the cell plate, the exact
@@ -196,7 +192,8 @@ class _Marginal:
         self.has_observed = False
 
     def takes(self, term: torch.Tensor) -> bool:
-        return bool(self.dims) and _varies_along(term, self.dims)
+        """Whether ``term`` varies along one of the dimensions."""
+        return any(term.dim() >= -dim and term.shape[dim] > 1 for dim in self.dims)
 
     def add(self, term: torch.Tensor, observed: bool) -> None:
         self.total = self.total + term
@@ -325,10 +322,7 @@ def _summable_enumeration(model_trace: Trace, guide_trace: Trace) -> bool:
                 return False
         elif not is_identically_zero(site["score_parts"].score_function):
             return False
-    model_enumerated = any(
-        site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
-        and name not in guide_trace.nodes for name, site in model_trace.nodes.items())
-    return enumerated == 1 and not model_enumerated
+    return enumerated == 1 and not _model_enumerated_dims(model_trace, guide_trace)
 
 
 def guide_enumeration_surrogate_loss(model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
